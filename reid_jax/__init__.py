@@ -1,0 +1,3 @@
+"""reid_jax: person re-identification in JAX/Flax."""
+
+__version__ = "0.1.0"
