@@ -1,0 +1,103 @@
+"""Backbone + embedding head (+ optional ID classifier) and the config-driven builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from reid_jax.models.densenet import densenet201
+from reid_jax.models.mobilenetv2 import mobilenetv2
+from reid_jax.models.resnet import resnet18, resnet34, resnet50, resnet101, resnet_small
+from reid_jax.models.heads import DaReHead, TriNetHead, dense
+from reid_jax.models.layers import NUM_STAGES, global_avg_pool
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet_small": resnet_small,
+    "densenet201": densenet201,
+    "mobilenetv2": mobilenetv2,
+}
+HEADS = ("dare", "trinet")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ReIDModel(nn.Module):
+  """Runs `backbone` then `head`; returns the head's dict of float32 embeddings.
+
+  With `num_classes > 0` a Dense classifier (`classifier`) on the globally pooled
+  last-stage map (the feature the embedding head starts from) adds float32 `'logits'`
+  for classification losses; it is only computed when stage 4 is reached.
+  Variables are `{'params': {'backbone', 'head', 'classifier'?}, 'batch_stats': ...}`.
+  """
+
+  backbone: nn.Module
+  head: nn.Module
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(
+      self, x: jnp.ndarray, train: bool = False, max_stage: int | None = None
+  ) -> dict[str, jnp.ndarray]:
+    features = self.backbone(x, train=train, max_stage=max_stage)
+    out = dict(self.head(features, train=train))
+    if self.num_classes > 0 and len(features) == NUM_STAGES:
+      pooled = global_avg_pool(features[-1])
+      dtype = getattr(self.backbone, "dtype", jnp.float32)
+      logits = dense(self.num_classes, pooled.shape[-1], dtype, "classifier")(pooled)
+      out["logits"] = logits.astype(jnp.float32)
+    return out
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """The model section of an experiment config (DaRe on ResNet-50 by default)."""
+  return ml_collections.ConfigDict({
+      "backbone": "resnet50",  # one of BACKBONES
+      "last_stride": 2,  # 1 keeps stage 4 at stride 16
+      "width": 16,  # base channels; used by resnet_small only
+      "head": "dare",  # 'dare' | 'trinet'
+      "embed_dim": 128,
+      "hidden_dim": 1024,
+      "num_classes": 0,  # > 0 adds an ID classifier ('logits')
+      "dtype": "float32",  # compute dtype: 'float32' | 'bfloat16' (params stay fp32)
+      "bn_axis_name": None,  # pmap axis name for cross-device BatchNorm statistics
+      "fusion_init": "torch",  # DaRe fusion weights: 'torch' (official) | 'mean'
+  })
+
+
+def build_model(config: ml_collections.ConfigDict | dict) -> ReIDModel:
+  """Builds a `ReIDModel` from a model config; missing fields take `default_model_config`."""
+  cfg = default_model_config()
+  cfg.update(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config))
+  if cfg.backbone not in BACKBONES:
+    raise ValueError(f"model.backbone must be one of {sorted(BACKBONES)}, got {cfg.backbone!r}")
+  if cfg.head not in HEADS:
+    raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+  if cfg.last_stride not in (1, 2):
+    raise ValueError(f"model.last_stride must be 1 or 2, got {cfg.last_stride!r}")
+  dtype = DTYPES[cfg.dtype]
+  common = dict(last_stride=cfg.last_stride, dtype=dtype, bn_axis_name=cfg.bn_axis_name)
+  if cfg.backbone == "resnet_small":
+    common["width"] = cfg.width
+  backbone = BACKBONES[cfg.backbone](**common)
+  if cfg.head == "dare":
+    head = DaReHead(
+        hidden_dim=cfg.hidden_dim,
+        embed_dim=cfg.embed_dim,
+        fusion_init=cfg.fusion_init,
+        prenorm_stages=(1, 2, 3) if cfg.backbone == "densenet201" else (),
+        dtype=dtype,
+        bn_axis_name=cfg.bn_axis_name,
+    )
+  else:
+    head = TriNetHead(
+        hidden_dim=cfg.hidden_dim, embed_dim=cfg.embed_dim, dtype=dtype, bn_axis_name=cfg.bn_axis_name
+    )
+  return ReIDModel(backbone=backbone, head=head, num_classes=cfg.num_classes)
