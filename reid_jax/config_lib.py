@@ -1,0 +1,129 @@
+"""Config fields shared by every method; each configs/*.py sets the paper values it cites."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+# The ImageNet MobileNetV2 shipped beside the checkout (see README: "Pretrained weights").
+MOBILENETV2_GLUON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "..", "shared", "pretrained",
+                                 "mobilenetv2_1.0_imagenet_gluon.npz")
+
+
+def parse_variants(variant: str | None) -> list[str]:
+  return [v.strip() for v in (variant or "").split(",") if v.strip()]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = ""
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "market1501"
+  c.dataset.builder_config = ""     # e.g. "labeled" for cuhk03, "tiny" for synthetic_reid
+  c.dataset.data_dir = ""           # tfds data_dir; "" = ~/tensorflow_datasets
+  c.dataset.manual_dir = ""         # where the official archive lies (prepared on demand)
+  c.dataset.train_split = "train"
+  c.dataset.query_split = "query"
+  c.dataset.gallery_split = "gallery"
+
+  c.input = ml_collections.ConfigDict()
+  c.input.height = 256
+  c.input.width = 128
+  # Training augmentation: the fields of reid_jax.data.augment.AugmentConfig.
+  c.input.augment = ml_collections.ConfigDict()
+  c.input.augment.resize_scale = 1.125   # resize to scale x (H, W), random crop (H, W)
+  c.input.augment.keep_aspect = False
+  c.input.augment.pad = 0
+  c.input.augment.flip_prob = 0.5
+  c.input.augment.erasing_prob = 0.0
+  c.input.augment.erasing_area = (0.02, 0.4)    # Zhong et al. 2017 defaults
+  c.input.augment.erasing_aspect = (0.3, 3.33)
+  c.input.augment.erasing_fill = "random"
+  c.input.augment.cutout_prob = 0.0
+  c.input.augment.cutout_max_fraction = 0.5
+  c.input.augment.cutout_ramp_steps = 10_000
+  c.input.augment.cutout_start_step = 0
+  c.input.augment.cutout_num_rects = 1
+  c.input.P = 18
+  c.input.K = 4
+  c.input.worker_count = 2          # grain worker processes per host
+  c.input.eval_batch_size = 128
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet50"
+  c.model.last_stride = 2
+  c.model.width = 64                # base width (resnet_small only)
+  c.model.head = "dare"
+  c.model.embed_dim = 128
+  c.model.hidden_dim = 1024
+  c.model.num_classes = 0
+  c.model.dtype = "float32"         # "bfloat16": bf16 compute, fp32 master weights
+  c.model.pretrained = ""           # converted ImageNet weights (reid_jax.pretrained)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "triplet"
+  c.loss.kind = "batch_hard"
+  c.loss.margin = "soft"
+  c.loss.exits = ("fused",)
+  c.loss.mining = "global"          # "global": mine over the gathered global batch;
+                                    # "device": per device (as separate GPUs would)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.lr = 3e-4             # Hermans et al. 2017 / DaRe code
+  c.optimizer.end_lr = 3e-7
+  c.optimizer.decay_start = 15_000
+  c.optimizer.b1 = 0.9
+  c.optimizer.b1_after_decay = 0.5
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 25_000
+  c.train.sync_bn = True            # BatchNorm statistics averaged over devices
+  c.train.log_every = 50
+  c.train.eval_every = 5_000        # 0 = only at the end
+  c.train.checkpoint_every = 1_000
+  c.train.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_rank = 50
+  c.eval.rerank = False
+  c.eval.tta = ""                   # "", "flip" or "five_crop"
+  return c
+
+
+def synthetic_overrides(c: ml_collections.ConfigDict) -> None:
+  """CPU-friendly: the embedded synthetic dataset, a small ResNet and small images."""
+  c.dataset.name = "synthetic_reid"
+  c.input.height = 64
+  c.input.width = 32
+  c.input.augment.erasing_prob = 0.0
+  c.input.worker_count = 0
+  c.model.backbone = "resnet_small"
+  c.model.width = 32
+  c.model.last_stride = 1           # CPU note: avoids 3x3 convs on tiny 2x1 maps
+  c.model.hidden_dim = 256
+  c.model.embed_dim = 64
+  c.model.pretrained = ""
+  c.train.steps = 1_500
+  c.optimizer.decay_start = 750
+  c.train.log_every = 25
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 500
+
+
+def market_cpu_overrides(c: ml_collections.ConfigDict) -> None:
+  """Reduced budget for the 2-core CPU runs reported in benchmarks/RESULTS.md."""
+  c.input.height = 128
+  c.input.width = 64
+  c.model.last_stride = 1
+  c.train.steps = 3_000
+  c.optimizer.decay_start = 1_500
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 500

@@ -1,0 +1,196 @@
+"""Evaluates a checkpoint: `python -m reid_jax.evaluate --config=... --workdir=DIR`.
+
+Embeds query and gallery with every exit of the model, ranks the gallery per query
+(Market-1501 protocol) and writes `DIR/eval_results.json`:
+  {"step": int, "dataset": str, "exits": {"stage1": {"rank1", "rank5", "rank10",
+   "mAP", "mINP"}, ..., "fused": {...}}}
+with metrics as fractions in [0, 1], and prints the same as a table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from reid_jax import evaluation
+from reid_jax.data import pipeline, sources
+
+
+def _tta_views(x: jnp.ndarray, tta: str, out_hw: tuple[int, int]) -> list[jnp.ndarray]:
+  """Test-time views of a batch: none, flip, or TriNet's 5 crops + flips (10 views)."""
+  if not tta:
+    return [x]
+  if tta == "flip":
+    return [x, evaluation.tta.flip(x)]
+  if tta == "five_crop":
+    return evaluation.tta.ten_crops(x, out_hw)
+  raise ValueError(f"--tta={tta!r}: use flip or five_crop")
+
+
+def make_embed_fn(model, tta: str, out_hw: tuple[int, int], max_stage: int | None = None):
+  """jitted images -> dict of embeddings (float32), averaged over TTA views."""
+  @jax.jit
+  def embed(variables, images):
+    views = _tta_views(images, tta, out_hw)
+    outs = [model.apply(variables, v, train=False, max_stage=max_stage) for v in views]
+    outs = [{k: v for k, v in o.items() if k != "logits"} for o in outs]
+    return jax.tree_util.tree_map(lambda *a: jnp.mean(jnp.stack(a).astype(jnp.float32), 0),
+                                  *outs)
+  return embed
+
+
+def embed_split(config: ml_collections.ConfigDict, model, variables: Any, split: str,
+                tta: str = "", max_stage: int | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Embeds every record of `split` once; returns (exit -> [N, D], labels)."""
+  h, w = config.input.height, config.input.width
+  load_hw = (h, w)
+  if tta == "five_crop":  # TriNet: crops of the x1.125 image.
+    load_hw = (int(round(h * config.input.augment.resize_scale)),
+               int(round(w * config.input.augment.resize_scale)))
+  source = sources.open_split(config.dataset, split)
+  loader = pipeline.eval_loader(source, height=load_hw[0], width=load_hw[1],
+                                batch_size=config.input.eval_batch_size)
+  embed = make_embed_fn(model, tta, (h, w), max_stage)
+  embs: dict[str, list] = {}
+  labels: dict[str, list] = {}
+  for batch in loader:
+    out = jax.device_get(embed(variables, jnp.asarray(batch["image"])))
+    keep = np.asarray(batch["mask"], bool)
+    for k, v in out.items():
+      embs.setdefault(k, []).append(np.asarray(v)[keep])
+    for k in ("person_id", "camera_id", "tracklet_id"):
+      if k in batch:
+        labels.setdefault(k, []).append(np.asarray(batch[k])[keep])
+  return ({k: np.concatenate(v) for k, v in embs.items()},
+          {k: np.concatenate(v) for k, v in labels.items()})
+
+
+def _summary(res: dict) -> dict[str, float]:
+  cmc = np.asarray(res["cmc"])
+  pick = lambda r: float(cmc[min(r, len(cmc)) - 1])
+  return {"rank1": pick(1), "rank5": pick(5), "rank10": pick(10),
+          "mAP": float(res["mAP"]), "mINP": float(res["mINP"])}
+
+
+def pool_tracklets(embs: dict[str, np.ndarray], labels: dict[str, np.ndarray]):
+  """Video: mean-pool frame embeddings per tracklet (DaRe, §5) before ranking."""
+  if "tracklet_id" not in labels:
+    return embs, labels
+  pooled, ids = {}, None
+  for k, v in embs.items():
+    pooled[k], ids, pids, cams = evaluation.pool_by_tracklet(
+        v, labels["tracklet_id"], labels["person_id"], labels["camera_id"], "mean")
+  return pooled, {"person_id": pids, "camera_id": cams, "tracklet_id": ids}
+
+
+def rank_exits(q_embs: dict, q_labels: dict, g_embs: dict, g_labels: dict,
+               max_rank: int = 50, rerank: bool = False) -> dict[str, dict[str, float]]:
+  """Market-1501 metrics for each exit (optionally after k-reciprocal re-ranking)."""
+  results = {}
+  for name in q_embs:
+    qe, ge = q_embs[name], g_embs[name]
+    dist = np.asarray(evaluation.pairwise_distance(qe, ge, metric="euclidean"))
+    if rerank:
+      dist = evaluation.re_ranking(
+          dist, np.asarray(evaluation.pairwise_distance(qe, qe, metric="euclidean")),
+          np.asarray(evaluation.pairwise_distance(ge, ge, metric="euclidean")))
+    res = evaluation.evaluate_rank(dist, q_labels["person_id"], g_labels["person_id"],
+                                   q_labels["camera_id"], g_labels["camera_id"],
+                                   max_rank=max_rank)
+    results[name] = _summary(res)
+  return results
+
+
+def evaluate_variables(config: ml_collections.ConfigDict, variables: Any, step: int,
+                       rerank: bool = False, tta: str = "") -> dict:
+  """Embeds query and gallery with `variables` and ranks every exit."""
+  from reid_jax.train import eval_model
+  model = eval_model(config)
+  q_embs, q_labels = pool_tracklets(*embed_split(config, model, variables,
+                                                 config.dataset.query_split, tta))
+  g_embs, g_labels = pool_tracklets(*embed_split(config, model, variables,
+                                                 config.dataset.gallery_split, tta))
+  exits = rank_exits(q_embs, q_labels, g_embs, g_labels, config.eval.max_rank, rerank)
+  return {"step": int(step), "dataset": sources.full_name(config.dataset),
+          "rerank": bool(rerank), "tta": tta or "none", "exits": exits}
+
+
+def format_table(results: dict) -> str:
+  """The results as a fixed-width table (percentages)."""
+  lines = [f"{results['dataset']} step {results['step']}"
+           f"{' (re-ranked)' if results.get('rerank') else ''}"
+           f"{' tta=' + results['tta'] if results.get('tta', 'none') != 'none' else ''}",
+           f"{'exit':<10}{'rank1':>8}{'rank5':>8}{'rank10':>8}{'mAP':>8}{'mINP':>8}"]
+  for name, m in results["exits"].items():
+    lines.append(f"{name:<10}" + "".join(f"{100 * m[k]:8.2f}" for k in
+                                         ("rank1", "rank5", "rank10", "mAP", "mINP")))
+  return "\n".join(lines)
+
+
+def write_results(results: dict, workdir: str, name: str = "eval_results.json") -> str:
+  path = os.path.join(workdir, name)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def load_checkpoint_variables(config: ml_collections.ConfigDict, workdir: str,
+                              step: int | None = None) -> tuple[Any, int]:
+  """Restores {'params', 'batch_stats'} of checkpoint `step` (default: newest)."""
+  from reid_jax import checkpoint as ckpt_lib
+  from reid_jax.train import create_train_state
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first with "
+                            "`python -m reid_jax.train --config=... --workdir=...`")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"--checkpoint={step} is not in {ckpt_dir}; available: {steps}")
+  template = create_train_state(jax.random.key(0), config)
+  state = ckpt.restore(step, jax.device_get(template))
+  ckpt.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}, step
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so modules import cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "The config the checkpoint was trained with.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+  flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: newest).")
+  flags.DEFINE_bool("rerank", False, "k-reciprocal re-ranking (Zhong et al. 2017).")
+  flags.DEFINE_enum("tta", "", ["", "flip", "five_crop"], "Test-time augmentation.")
+
+
+def main(argv):
+  del argv
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required")
+  variables, step = load_checkpoint_variables(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+  results = evaluate_variables(FLAGS.config, variables, step, FLAGS.rerank, FLAGS.tta)
+  path = write_results(results, FLAGS.workdir)
+  print(format_table(results))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

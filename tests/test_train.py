@@ -1,0 +1,227 @@
+"""The training system: pmap equivalence, exact resume, multi-process equivalence, CLIs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import jax_utils
+
+from configs import dare
+from reid_jax import methods, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir: str, steps: int = 6):
+  """DaRe on the tiny synthetic set with a very small network (seconds per step on CPU)."""
+  c = dare.get_config("synthetic")
+  c.dataset.builder_config = "tiny"
+  c.dataset.data_dir = data_dir
+  c.input.height, c.input.width = 32, 16
+  c.input.P, c.input.K = 4, 2
+  c.model.width = 8
+  c.model.hidden_dim = 16
+  c.model.embed_dim = 8
+  c.train.steps = steps
+  c.optimizer.decay_start = steps // 2
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.input.eval_batch_size = 32
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds"))
+  from reid_jax.data import sources
+  sources.ensure_prepared(tiny_config(d).dataset)
+  return d
+
+
+def _run_steps(config, n_devices: int, batches) -> dict:
+  """Runs the pmapped train step over the first n_devices devices on the given batches."""
+  state = train.create_train_state(jax.random.key(0), config)
+  model = train.training_model(config)
+  step = jax.pmap(functools.partial(train.train_step, model=model,
+                                    loss_fn=methods.get_loss("triplet"), config=config),
+                  axis_name=train.AXIS, devices=jax.devices()[:n_devices])
+  state = jax_utils.replicate(state, devices=jax.devices()[:n_devices])
+  for b in batches:
+    state, metrics = step(state, train.shard(b, n_devices))
+  return train.unreplicate(state), train.unreplicate(metrics)
+
+
+def test_pmap_8_devices_equals_1_device():
+  """Same global batch on 8 devices (sync BN, global mining) and on 1 device.
+
+  Tolerance: 1e-5 relative + 1e-6 absolute on params after 2 Adam steps; the only
+  differences are float32 summation orders in the cross-device means.
+  """
+  assert jax.device_count() >= 8, "conftest sets 8 host devices"
+  c = tiny_config("/nonexistent")
+  c.input.P, c.input.K = 4, 4
+  c.optimizer.eps, c.optimizer.lr = 1.0, 1e-2  # see _train_cmd: linear updates
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(16, 32, 16, 3)).astype(np.float32),
+              "person_id": np.repeat(np.arange(4), 4).astype(np.int32)} for _ in range(2)]
+  s8, m8 = _run_steps(c, 8, batches)
+  s1, m1 = _run_steps(c, 1, batches)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  flat8 = jax.tree_util.tree_leaves_with_path(s8.params)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(s1.params))
+  for path, leaf in flat8:
+    np.testing.assert_allclose(leaf, flat1[path], rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      s8.batch_stats, s1.batch_stats)
+
+
+def test_per_device_mining_differs_from_global():
+  """Per-device mining sees fewer negatives, so its loss is a different number."""
+  c = tiny_config("/nonexistent")
+  c.input.P, c.input.K = 4, 4
+  rng = np.random.default_rng(1)
+  batches = [{"image": rng.normal(size=(16, 32, 16, 3)).astype(np.float32),
+              "person_id": np.repeat(np.arange(4), 4).astype(np.int32)}]
+  _, mg = _run_steps(c, 4, batches)
+  c.loss.mining = "device"
+  _, md = _run_steps(c, 4, batches)
+  assert abs(float(mg["loss"]) - float(md["loss"])) > 1e-4
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _params(workdir, config):
+  from reid_jax.evaluate import load_checkpoint_variables
+  variables, step = load_checkpoint_variables(config, workdir)
+  return variables, step
+
+
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
+  c = tiny_config(data_dir, steps=6)
+  full = str(tmp_path / "full")
+  train.train_and_evaluate(c, full, evaluate_at_end=False)
+
+  broken = str(tmp_path / "broken")
+
+  def crash(step):
+    if step == 5:
+      raise _Interrupt()
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(c, broken, evaluate_at_end=False, step_callback=crash)
+  assert train.ckpt_lib.Checkpointer(os.path.join(broken, "checkpoints")).latest_step() in (2, 4)
+  train.train_and_evaluate(c, broken, evaluate_at_end=False)  # resumes
+
+  va, sa = _params(full, c)
+  vb, sb = _params(broken, c)
+  assert sa == sb == 6
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), va, vb)
+
+
+def test_resume_refuses_different_model(data_dir, tmp_path):
+  c = tiny_config(data_dir, steps=2)
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(c, wd, evaluate_at_end=False)
+  c.model.embed_dim = 4
+  with pytest.raises(ValueError, match="different config.model"):
+    train.train_and_evaluate(c, wd, evaluate_at_end=False)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _train_cmd(data_dir, workdir, steps=3):
+  return [sys.executable, "-m", "reid_jax.train", "--config=configs/dare.py:synthetic",
+          f"--workdir={workdir}", "--config.dataset.builder_config=tiny",
+          f"--config.dataset.data_dir={data_dir}", "--config.input.height=32",
+          "--config.input.width=16", "--config.input.P=4", "--config.input.K=2",
+          "--config.model.width=8", "--config.model.hidden_dim=16",
+          "--config.model.embed_dim=8", f"--config.train.steps={steps}",
+          "--config.optimizer.decay_start=1", "--config.train.checkpoint_every=3",
+          # Adam with eps=1 and lr=1e-2: updates become linear in the gradient, so the
+          # float32 reduction-order noise of different device layouts is not blown up
+          # by Adam's 1/sqrt(v) (with eps=1e-8 a near-zero gradient of either sign moves
+          # a weight by a full +-lr, i.e. any two runs differ by ~lr after one step).
+          "--config.optimizer.eps=1.0", "--config.optimizer.lr=1e-2",
+          "--config.train.eval_every=0", "--config.train.log_every=1"]
+
+
+def _env(n_devices, cache=True):
+  env = dict(os.environ)
+  if not cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def test_two_processes_equal_one_process(data_dir, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed on localhost) == 1 process x 8 devices."""
+  one = str(tmp_path / "one")
+  subprocess.run(_train_cmd(data_dir, one) + ["--noeval_at_end"], cwd=REPO, env=_env(8),
+                 check=True, capture_output=True, timeout=600)
+  two = str(tmp_path / "two")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_cmd(data_dir, two) + ["--noeval_at_end", f"--coordinator_address=localhost:{port}",
+                                   "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(4, cache=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+      for i in range(2)]
+  outs = [p.communicate(timeout=900)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(
+      f"--- process {i} (exit {p.returncode}):\n{out[-2000:]}"
+      for i, (p, out) in enumerate(zip(procs, outs)))
+  c = tiny_config(data_dir, steps=3)
+  va, sa = _params(one, c)
+  vb, sb = _params(two, c)
+  assert sa == sb == 3
+  # Same data and the same losses at every step...
+  la = [l["train/loss"] for l in map(json.loads, open(os.path.join(one, "metrics.jsonl")))]
+  lb = [l["train/loss"] for l in map(json.loads, open(os.path.join(two, "metrics.jsonl")))]
+  assert len(la) == len(lb) == 3
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  # ...and the same parameters, up to float32 reduction order across processes.
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), va, vb)
+
+
+def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
+  wd = str(tmp_path / "cli")
+  r = subprocess.run(_train_cmd(data_dir, wd, steps=2), cwd=REPO, env=_env(1),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 2/2" in r.stdout
+  with open(os.path.join(wd, "eval_results.json")) as f:
+    res = json.load(f)
+  assert res["step"] == 2 and res["dataset"] == "synthetic_reid/tiny"
+  assert set(res["exits"]) == {"stage1", "stage2", "stage3", "stage4", "fused"}
+  for m in res["exits"].values():
+    assert set(m) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert any("train/loss/stage1" in l for l in lines)
+  os.remove(os.path.join(wd, "eval_results.json"))
+  r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
+                      "--config=configs/dare.py:synthetic", f"--workdir={wd}",
+                      "--checkpoint=2", "--tta=flip"] + _train_cmd(data_dir, wd)[5:16],
+                     cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res2 = json.load(open(os.path.join(wd, "eval_results.json")))
+  assert res2["tta"] == "flip" and set(res2["exits"]) == set(res["exits"])
+  assert "fused" in r.stdout
