@@ -111,18 +111,88 @@ def rank_exits(q_embs: dict, q_labels: dict, g_embs: dict, g_labels: dict,
   return results
 
 
-def evaluate_variables(config: ml_collections.ConfigDict, variables: Any, step: int,
-                       rerank: bool = False, tta: str = "") -> dict:
-  """Embeds query and gallery with `variables` and ranks every exit."""
+def embed_query_gallery(config: ml_collections.ConfigDict, variables: Any, tta: str = ""):
+  """(q_embs, q_labels, g_embs, g_labels) for every exit, tracklets pooled for video."""
   from reid_jax.train import eval_model
   model = eval_model(config)
   q_embs, q_labels = pool_tracklets(*embed_split(config, model, variables,
                                                  config.dataset.query_split, tta))
   g_embs, g_labels = pool_tracklets(*embed_split(config, model, variables,
                                                  config.dataset.gallery_split, tta))
+  return q_embs, q_labels, g_embs, g_labels
+
+
+def evaluate_variables(config: ml_collections.ConfigDict, variables: Any, step: int,
+                       rerank: bool = False, tta: str = "", embedded=None) -> dict:
+  """Embeds query and gallery with `variables` and ranks every exit."""
+  q_embs, q_labels, g_embs, g_labels = embedded or embed_query_gallery(config, variables, tta)
   exits = rank_exits(q_embs, q_labels, g_embs, g_labels, config.eval.max_rank, rerank)
-  return {"step": int(step), "dataset": sources.full_name(config.dataset),
-          "rerank": bool(rerank), "tta": tta or "none", "exits": exits}
+  if rerank:  # Also report the plain ranking, so one file shows the re-ranking gain.
+    plain = rank_exits(q_embs, q_labels, g_embs, g_labels, config.eval.max_rank, False)
+  out = {"step": int(step), "dataset": sources.full_name(config.dataset),
+         "rerank": bool(rerank), "tta": tta or "none", "exits": exits}
+  if rerank:
+    out["exits_without_rerank"] = plain
+  return out
+
+
+def model_exit_costs(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Multiply-adds per query image to reach each exit, from the model itself."""
+  from reid_jax.models import exit_costs
+  from reid_jax.train import eval_model
+  return {k: int(v) for k, v in exit_costs(
+      eval_model(config), None, (config.input.height, config.input.width, 3)).items()}
+
+
+def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdir: str,
+                  ensemble: list[tuple[ml_collections.ConfigDict, str]] = ()) -> dict:
+  """DaRe §4 curves: anytime (rank-1/mAP vs budget, + sequential-ensemble baseline) or
+  budgeted stream (rank-1 vs average budget for the distance/margin/random rules).
+  Writes the plot next to eval_results.json and returns the curves."""
+  from reid_jax.methods.dare import budget as budget_lib, plots
+  from reid_jax.models import format_costs
+  q_embs, q_labels, g_embs, g_labels = embedded
+  costs = model_exit_costs(config)
+  print(format_costs(costs), flush=True)
+  labels = (q_labels["person_id"], g_labels["person_id"], q_labels["camera_id"],
+            g_labels["camera_id"])
+  if "fused" not in costs:
+    raise ValueError(f"--budget needs a multi-exit (DaRe) model; this one has exits "
+                     f"{sorted(costs)}")
+  if mode == "anytime":
+    curves = {"DaRe": budget_lib.anytime_curve(q_embs, g_embs, costs, *labels)}
+    if ensemble:
+      ens_q, ens_g, ens_costs = {}, {}, {}
+      for cfg, wd in ensemble:
+        variables, _ = load_checkpoint_variables(cfg, wd)
+        eq, _, eg, _ = embed_query_gallery(cfg, variables)
+        name = cfg.model.backbone
+        ens_q[name], ens_g[name] = eq["final"], eg["final"]
+        ens_costs[name] = model_exit_costs(cfg)["final"]
+      curves["ensemble"] = budget_lib.ensemble_anytime_curve(ens_q, ens_g, ens_costs,
+                                                             *labels)
+    path = plots.plot_anytime(curves, os.path.join(workdir, "anytime.png"))
+  elif mode == "stream":
+    lo, hi = min(costs.values()), costs["fused"]
+    budgets = list(np.linspace(lo, hi, 9))
+    curves = budget_lib.stream_curves(q_embs, g_embs, costs, *labels, budgets=budgets)
+    path = plots.plot_stream(curves, os.path.join(workdir, "stream.png"))
+  else:
+    raise ValueError(f"--budget={mode!r}: use anytime or stream")
+  return {"mode": mode, "exit_costs_macs": costs, "curves": _jsonable(curves), "plot": path}
+
+
+def _jsonable(x):
+  """numpy scalars/arrays inside curves -> plain JSON types."""
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
 
 
 def format_table(results: dict) -> str:
@@ -177,6 +247,29 @@ def define_flags() -> None:
   flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: newest).")
   flags.DEFINE_bool("rerank", False, "k-reciprocal re-ranking (Zhong et al. 2017).")
   flags.DEFINE_enum("tta", "", ["", "flip", "five_crop"], "Test-time augmentation.")
+  flags.DEFINE_enum("budget", "", ["", "anytime", "stream"],
+                    "DaRe §4: anytime or budgeted-stream curves (+ PNG plot).")
+  flags.DEFINE_list("ensemble", [],
+                    "Anytime baseline: CONFIG@WORKDIR of single-exit models, smallest "
+                    "first, e.g. configs/trinet.py:resnet18@runs/r18,...")
+
+
+def _load_config_spec(spec: str) -> tuple[ml_collections.ConfigDict, str]:
+  """'configs/trinet.py:resnet18@runs/r18' -> (config, workdir)."""
+  if "@" not in spec:
+    raise ValueError(f"--ensemble entry {spec!r} must be CONFIG@WORKDIR")
+  cfg_spec, wd = spec.rsplit("@", 1)
+  path, _, variant = cfg_spec.partition(":")
+  import importlib.util
+  mod_spec = importlib.util.spec_from_file_location("ensemble_config", path)
+  if mod_spec is None or not os.path.exists(path):
+    raise ValueError(f"--ensemble entry {spec!r}: config file {path} not found")
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  cfg = module.get_config(variant or None)
+  # The ensemble members are evaluated on the DaRe model's dataset and input size.
+  cfg.dataset = FLAGS.config.dataset
+  return cfg, wd
 
 
 def main(argv):
@@ -184,7 +277,14 @@ def main(argv):
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
   variables, step = load_checkpoint_variables(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-  results = evaluate_variables(FLAGS.config, variables, step, FLAGS.rerank, FLAGS.tta)
+  embedded = embed_query_gallery(FLAGS.config, variables, FLAGS.tta)
+  results = evaluate_variables(FLAGS.config, variables, step, FLAGS.rerank, FLAGS.tta,
+                               embedded=embedded)
+  if FLAGS.budget:
+    ensemble = [_load_config_spec(spec) for spec in FLAGS.ensemble]
+    results["budget"] = budget_curves(FLAGS.config, embedded, FLAGS.budget, FLAGS.workdir,
+                                      ensemble)
+    print(f"wrote {results['budget']['plot']}")
   path = write_results(results, FLAGS.workdir)
   print(format_table(results))
   print(f"wrote {path}")

@@ -219,9 +219,19 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   os.remove(os.path.join(wd, "eval_results.json"))
   r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
                       "--config=configs/dare.py:synthetic", f"--workdir={wd}",
-                      "--checkpoint=2", "--tta=flip"] + _train_cmd(data_dir, wd)[5:16],
+                      "--checkpoint=2", "--tta=flip", "--budget=anytime"]
+                     + _train_cmd(data_dir, wd)[5:16],
                      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res2 = json.load(open(os.path.join(wd, "eval_results.json")))
   assert res2["tta"] == "flip" and set(res2["exits"]) == set(res["exits"])
   assert "fused" in r.stdout
+  # Anytime curve: one point per exit, costs increasing, from the model's own MACs.
+  budget = res2["budget"]
+  costs = budget["exit_costs_macs"]
+  assert costs["stage1"] < costs["stage2"] < costs["stage3"] < costs["stage4"] <= costs["fused"]
+  curve = budget["curves"]["DaRe"]
+  # The deepest stage answers with the fused embedding (official DARENet code).
+  assert [p["exit"] for p in curve] == ["stage1", "stage2", "stage3", "fused"]
+  np.testing.assert_allclose(curve[-1]["rank1"], res2["exits"]["fused"]["rank1"], atol=1e-9)
+  assert os.path.getsize(os.path.join(wd, "anytime.png")) > 1000
