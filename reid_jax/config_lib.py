@@ -101,13 +101,15 @@ def base_config() -> ml_collections.ConfigDict:
 def synthetic_overrides(c: ml_collections.ConfigDict) -> None:
   """CPU-friendly: the embedded synthetic dataset, a small ResNet and small images."""
   c.dataset.name = "synthetic_reid"
-  c.input.height = 64
-  c.input.width = 32
+  # 128x64 keeps the last stage at 8x4: XLA on CPU is pathologically slow for 3x3
+  # convolutions on 4x2 maps (measured: 615 ms vs 15 ms per 256-channel conv).
+  c.input.height = 128
+  c.input.width = 64
   c.input.augment.erasing_prob = 0.0
   c.input.worker_count = 0
   c.model.backbone = "resnet_small"
-  c.model.width = 32
-  c.model.last_stride = 1           # CPU note: avoids 3x3 convs on tiny 2x1 maps
+  c.model.width = 16
+  c.model.last_stride = 1
   c.model.hidden_dim = 256
   c.model.embed_dim = 64
   c.model.pretrained = ""
