@@ -227,11 +227,13 @@ def chi_square(q: np.ndarray, g: np.ndarray, chunk: int = 16) -> np.ndarray:
 
 
 def fit_lda(feats: np.ndarray, pids: np.ndarray, pca_dim: int = 256, out_dim: int = 128,
-            reg: float = 1e-3) -> Callable[[np.ndarray], np.ndarray]:
-  """PCA then LDA fit on training features; returns the projection as a function."""
+            reg: float = 1e-3, pca_samples: int = 2000) -> Callable[[np.ndarray], np.ndarray]:
+  """PCA (basis from at most `pca_samples` images, for speed) then LDA, fit on training
+  features; returns the projection as a function."""
   mean = feats.mean(0)
   x = feats - mean
-  _, _, vt = np.linalg.svd(x, full_matrices=False)
+  sub = np.random.default_rng(0).permutation(len(x))[:pca_samples]
+  _, _, vt = np.linalg.svd(x[sub], full_matrices=False)
   p = vt[:pca_dim].T
   z = x @ p
   classes = np.unique(pids)
