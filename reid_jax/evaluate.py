@@ -22,6 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from reid_jax import evaluation
+from reid_jax import writer as writer_lib
 from reid_jax.data import pipeline, sources
 
 
@@ -274,6 +275,7 @@ def _load_config_spec(spec: str) -> tuple[ml_collections.ConfigDict, str]:
 
 def main(argv):
   del argv
+  writer_lib.quiet_library_logs()
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
   variables, step = load_checkpoint_variables(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)

@@ -267,6 +267,7 @@ def maybe_initialize_distributed() -> None:
 
 def main(argv):
   del argv
+  writer_lib.quiet_library_logs()
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required (checkpoints, logs and eval results go there)")
   maybe_initialize_distributed()

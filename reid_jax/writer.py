@@ -8,6 +8,17 @@ import sys
 import time
 from typing import Mapping
 
+from absl import flags, logging
+
+
+def quiet_library_logs() -> None:
+  """Shows library INFO logs (orbax, tfds: several lines per checkpoint) only when asked.
+
+  CLIs print their own progress; `--verbosity=0` (or `-v 0`) brings the INFO logs back.
+  """
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
 
 def _fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -42,14 +53,24 @@ class MetricWriter:
 
   def start(self, step: int) -> None:
     self._t0, self._s0 = time.time(), step
+    self._last = (self._t0, step)
+    self._sec_per_step = None  # moving average, leaving out the first (compiling) window
 
   def progress(self, step: int, images_per_s: float, scalars: Mapping[str, float]) -> None:
     """One progress-bar line: step, loss, images/s and ETA."""
     if not self.enabled:
       return
+    now = time.time()
     done = step - self._s0
-    elapsed = time.time() - self._t0
-    eta = elapsed / max(done, 1) * (self.total - step)
+    elapsed = now - self._t0
+    t_prev, s_prev = self._last
+    if s_prev != self._s0 and step > s_prev:  # not the window that includes compilation
+      rate = (now - t_prev) / (step - s_prev)
+      self._sec_per_step = rate if self._sec_per_step is None else (
+          0.7 * self._sec_per_step + 0.3 * rate)
+    self._last = (now, step)
+    sec_per_step = self._sec_per_step or elapsed / max(done, 1)
+    eta = sec_per_step * (self.total - step)
     width = 20
     filled = int(width * step / max(self.total, 1))
     bar = "#" * filled + "." * (width - filled)
