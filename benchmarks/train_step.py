@@ -1,7 +1,7 @@
 """Images/s of the DaRe train step (ResNet-50, 256x128, P=18 K=4), fp32 and bf16.
 
   python benchmarks/train_step.py [--backbone=resnet50] [--height=256 --width=128]
-                                  [--steps=20] [--torch]
+                                  [--steps=20] [--warmup=5] [--dtypes=float32,bfloat16] [--torch]
 
 Times the same pmapped step `python -m reid_jax.train` runs (synthetic inputs, so the
 input pipeline is not measured; see benchmarks/input_pipeline.py). With --torch and
@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 from flax import jax_utils
 
-from configs import dare
-from reid_jax import methods, train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import dare  # noqa: E402
+from reid_jax import methods, train  # noqa: E402
 
 
-def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int) -> tuple[float, float]:
+def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int,
+             warmup: int) -> tuple[float, float]:
   c = dare.get_config()
   c.model.backbone, c.model.dtype = backbone, dtype
   c.input.height, c.input.width = h, w
@@ -42,6 +47,11 @@ def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int) -> tuple[flo
   state, m = step(state, batch)
   jax.block_until_ready(m)
   compile_s = time.time() - t0
+  # The first steps after compilation run slower (allocator warm-up): not timed, as
+  # for PyTorch below.
+  for _ in range(warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
   t0 = time.time()
   for _ in range(steps):
     state, m = step(state, batch)
@@ -49,7 +59,7 @@ def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int) -> tuple[flo
   return b * steps / (time.time() - t0), compile_s
 
 
-def time_torch(h: int, w: int, steps: int, amp: bool) -> float:
+def time_torch(h: int, w: int, steps: int, warmup: int, amp: bool) -> float:
   import torch
   import torchvision
   dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +94,7 @@ def time_torch(h: int, w: int, steps: int, amp: bool) -> float:
     loss.backward()
     opt.step()
 
-  for _ in range(3):
+  for _ in range(warmup):
     step()
   if dev == "cuda":
     torch.cuda.synchronize()
@@ -102,17 +112,19 @@ def main():
   p.add_argument("--height", type=int, default=256)
   p.add_argument("--width", type=int, default=128)
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=5, help="untimed steps after compilation")
+  p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--torch", action="store_true")
   a = p.parse_args()
   print(f"devices: {jax.devices()}")
   rows = []
-  for dtype in ("float32", "bfloat16"):
-    ips, comp = time_jax(a.backbone, a.height, a.width, dtype, a.steps)
+  for dtype in a.dtypes.split(","):
+    ips, comp = time_jax(a.backbone, a.height, a.width, dtype, a.steps, a.warmup)
     rows.append((f"reid_jax {dtype}", ips, comp))
   if a.torch:
     for amp in (False, True):
       rows.append((f"pytorch {'bf16 autocast' if amp else 'fp32'}",
-                   time_torch(a.height, a.width, a.steps, amp), float("nan")))
+                   time_torch(a.height, a.width, a.steps, a.warmup, amp), float("nan")))
   print(f"DaRe-{a.backbone} train step, {a.height}x{a.width}, P18 K4 (72 images)")
   print(f"{'implementation':<24}{'images/s':>10}{'compile s':>11}")
   for name, ips, comp in rows:
