@@ -43,6 +43,14 @@ def test_render_is_deterministic_and_seeded():
   assert sr.render(TINY, specs[0]).shape == (TINY.height, TINY.width, 3)
 
 
+def test_worker_pool_renders_the_same_bytes_in_order(monkeypatch):
+  specs = synthetic.split_specs(TINY, "gallery")[:40]
+  monkeypatch.setattr(synthetic, "MIN_IMAGES_FOR_POOL", 1)
+  monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)
+  pooled = [f.getvalue() for f in synthetic._render_pngs(TINY, specs)]
+  assert pooled == [_png(TINY, s) for s in specs]
+
+
 def test_split_plan_is_deterministic():
   for split in synthetic.SPLITS:
     assert synthetic.split_specs(DEFAULT, split) == synthetic.split_specs(DEFAULT, split)
