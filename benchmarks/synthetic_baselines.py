@@ -9,8 +9,8 @@ Market-1501 protocol (same id + same camera and person_id -1 are ignored, 0 is a
   colour+HOG + LDA     the same features with a linear metric (PCA + LDA) fit on `train`:
                        a cheap check that identity is learnable from the training split.
   random CNN           global-average-pooled features of a randomly initialised conv net
-                       (a plain 8-layer one here, and the project's `resnet_small` when
-                       `reid_jax.models` imports).
+                       (a plain 8-layer one), and the stage-4 and fused embeddings of the
+                       README main job's model (`configs/dare.py:synthetic`) at init.
   trained              optional (--train_steps > 0): the project's `resnet_small` + TriNet
                        head trained on `train` with batch-hard soft-margin triplet loss on
                        batches of 18 identities x 4 images, as the synthetic config does.
@@ -312,17 +312,28 @@ _STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 PROJECT_MODEL = dict(backbone="resnet_small", width=32, last_stride=1, head="trinet", hidden_dim=256, embed_dim=64)
 
 
-def project_model_untrained(images: np.ndarray, seed: int = 0) -> np.ndarray:
-  """GAP of the last stage of the project's `resnet_small` (reid_jax.models), random init."""
+def synthetic_config():
+  """`configs/dare.py:synthetic`: the model and input size the README main job trains."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dare.py")
+  spec = importlib.util.spec_from_file_location("dare_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("synthetic")
+
+
+def project_model_untrained(images: np.ndarray, exit_name: str = "fused", seed: int = 0) -> np.ndarray:
+  """Embedding `exit_name` of the README main job's model (DaRe head on `resnet_small`,
+  `configs/dare.py:synthetic`) at initialisation, on the config's input size."""
   import jax
-  import jax.numpy as jnp
-  from reid_jax.models import build_model
-  model = build_model(PROJECT_MODEL)
-  variables = model.init(jax.random.key(seed), jnp.zeros((2, *images.shape[1:])), train=False)
-  f = jax.jit(lambda x: model.backbone.apply({"params": variables["params"]["backbone"],
-                                              "batch_stats": variables["batch_stats"]["backbone"]},
-                                             (x - _MEAN) / _STD, train=False)[-1].mean((1, 2)))
-  return _batched(f, images)
+  from reid_jax import train
+  config = synthetic_config()
+  size = (config.input.height, config.input.width)
+  state = train.create_train_state(jax.random.key(seed), config)
+  model = train.eval_model(config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  f = jax.jit(lambda x: model.apply(variables, (x - _MEAN) / _STD, train=False)[exit_name])
+  return _batched(f, _resize(images, size))
 
 
 def train_project_model(train: Split, steps: int, size: tuple[int, int], p: int = 18, k: int = 4,
@@ -442,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     have_model = False
     print(f"  (reid_jax.models unavailable, project-model rows skipped: {e})")
   if have_model:
-    run("random project resnet_small (GAP), euclidean", project_model_untrained, euclidean)
+    for exit_name in ("stage4", "fused"):
+      run(f"random init. main-job DaRe model, {exit_name} exit, euclidean",
+          functools.partial(project_model_untrained, exit_name=exit_name), euclidean)
   if have_model and args.train_steps > 0:
     size = tuple(int(v) for v in args.train_size.split("x"))
     run(f"trained project resnet_small ({args.train_steps} steps, {args.train_size}), euclidean",

@@ -246,8 +246,10 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: newest).")
-  flags.DEFINE_bool("rerank", False, "k-reciprocal re-ranking (Zhong et al. 2017).")
-  flags.DEFINE_enum("tta", "", ["", "flip", "five_crop"], "Test-time augmentation.")
+  flags.DEFINE_bool("rerank", None, "k-reciprocal re-ranking (Zhong et al. 2017); "
+                    "default: the config's eval.rerank.")
+  flags.DEFINE_enum("tta", None, ["", "none", "flip", "five_crop"],
+                    "Test-time augmentation; default: the config's eval.tta (as in training).")
   flags.DEFINE_enum("budget", "", ["", "anytime", "stream"],
                     "DaRe §4: anytime or budgeted-stream curves (+ PNG plot).")
   flags.DEFINE_list("ensemble", [],
@@ -278,9 +280,12 @@ def main(argv):
   writer_lib.quiet_library_logs()
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
+  rerank = FLAGS.config.eval.rerank if FLAGS.rerank is None else FLAGS.rerank
+  tta = FLAGS.config.eval.tta if FLAGS.tta is None else FLAGS.tta
+  tta = "" if tta == "none" else tta
   variables, step = load_checkpoint_variables(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-  embedded = embed_query_gallery(FLAGS.config, variables, FLAGS.tta)
-  results = evaluate_variables(FLAGS.config, variables, step, FLAGS.rerank, FLAGS.tta,
+  embedded = embed_query_gallery(FLAGS.config, variables, tta)
+  results = evaluate_variables(FLAGS.config, variables, step, rerank, tta,
                                embedded=embedded)
   if FLAGS.budget:
     ensemble = [_load_config_spec(spec) for spec in FLAGS.ensemble]

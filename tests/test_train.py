@@ -36,6 +36,8 @@ def tiny_config(data_dir: str, steps: int = 6):
   c.train.log_every = 2
   c.train.checkpoint_every = 2
   c.input.eval_batch_size = 32
+  c.input.worker_count = 0  # a grain worker costs seconds to start; tiny batches need none
+  c.eval.tta = ""
   return c
 
 
@@ -150,6 +152,7 @@ def _train_cmd(data_dir, workdir, steps=3):
           f"--workdir={workdir}", "--config.dataset.builder_config=tiny",
           f"--config.dataset.data_dir={data_dir}", "--config.input.height=32",
           "--config.input.width=16", "--config.input.P=4", "--config.input.K=2",
+          "--config.input.worker_count=0", "--config.eval.tta=",
           "--config.model.width=8", "--config.model.hidden_dim=16",
           "--config.model.embed_dim=8", f"--config.train.steps={steps}",
           "--config.optimizer.decay_start=1", "--config.train.checkpoint_every=3",
