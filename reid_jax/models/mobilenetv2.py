@@ -29,7 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from reid_jax.models.layers import Dtype, batch_norm, check_max_stage, conv
+from reid_jax.models.layers import Dtype, DepthwiseConv3x3, batch_norm, check_max_stage, conv
 
 # Gluon's per-bottleneck settings: (output channels, expansion t, stride).
 _CHANNELS = (16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320)
@@ -53,6 +53,7 @@ class LinearBottleneck(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -60,7 +61,7 @@ class LinearBottleneck(nn.Module):
     in_channels = x.shape[-1]
     hidden = in_channels * self.expansion
     y = relu6(bn("batchnorm0")(conv(hidden, 1, dtype=self.dtype, name="conv0")(x)))
-    y = conv(hidden, 3, self.stride, 1, groups=hidden, dtype=self.dtype, name="conv1")(y)
+    y = DepthwiseConv3x3(self.stride, self.depthwise, self.dtype, name="conv1")(y)
     y = relu6(bn("batchnorm1")(y))
     y = bn("batchnorm2")(conv(self.channels, 1, dtype=self.dtype, name="conv2")(y))
     if self.stride == 1 and in_channels == self.channels:
@@ -77,12 +78,15 @@ class MobileNetV2(nn.Module):
     last_stride: 1 removes the stride of bottleneck 13 (first block of stage 4).
     dtype: compute dtype (params stay float32).
     bn_axis_name: pmap axis over which BatchNorm statistics are averaged in training.
+    depthwise: 3x3 depthwise conv implementation ('auto', 'conv', 'shift'; see
+      `layers.DepthwiseConv3x3`); all give the same function and parameters.
   """
 
   multiplier: float = 1.0
   last_stride: int = 2
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(
@@ -108,6 +112,7 @@ class MobileNetV2(nn.Module):
             stride,
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
+            depthwise=self.depthwise,
             name=f"linearbottleneck{i}",
         )(x, train)
       if s == 3:
