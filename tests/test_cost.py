@@ -61,6 +61,16 @@ def test_resnet50_224_is_about_4_1_gmacs():
   assert costs["stage1"] < costs["stage2"] < costs["stage3"] < costs["stage4"]
 
 
+@pytest.mark.parametrize("depthwise", ["conv", "shift"])
+def test_mobilenetv2_224_matches_published_count(depthwise):
+  from reid_jax.models.mobilenetv2 import mobilenetv2
+  costs = exit_costs(mobilenetv2(depthwise=depthwise), None, (224, 224, 3))
+  # thop/fvcore count torchvision's MobileNetV2 at 300.77M MACs: 299,494,272 without the
+  # 1000-way classifier (1,281,000). GluonCV's first bottleneck (t=1) keeps its 1x1
+  # "expansion" conv, 32 -> 32 channels at 112x112: 32 * 32 * 112 * 112 = 12,845,056 more.
+  assert costs["stage4"] == 299_494_272 + 32 * 32 * 112 * 112
+
+
 def test_format_costs_table():
   text = format_costs({"stage1": 2_000_000_000, "fused": 4_000_000_000})
   lines = text.splitlines()

@@ -8,6 +8,7 @@ helpers here fix the first two; `reid_jax.pretrained` handles the layout.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -87,6 +88,11 @@ class DepthwiseConv3x3(nn.Module):
         tap = xp[:, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s, :] * kernel[dy, dx, 0]
         out = tap if out is None else out + tap
     return out
+
+  def cost_macs(self, args: tuple, output: Any) -> int:
+    """Per-image multiply-adds (for `reid_jax.models.cost`): 9 per output element."""
+    del args
+    return math.prod(output.shape[1:]) * 9
 
 
 def batch_norm(
