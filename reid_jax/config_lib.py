@@ -109,7 +109,7 @@ def synthetic_overrides(c: ml_collections.ConfigDict) -> None:
   c.input.width = 48
   c.input.augment.erasing_prob = 0.0
   # One grain worker overlaps decoding/augmenting (~50 ms per 72-image batch) with the
-  # train step: 175 vs 195 ms per step on 2 cores.
+  # train step: 400 steps took 111 s vs 119 s in-process on 2 cores (one run each).
   c.input.worker_count = 1
   c.model.backbone = "resnet_small"
   c.model.width = 16
@@ -117,8 +117,8 @@ def synthetic_overrides(c: ml_collections.ConfigDict) -> None:
   c.model.hidden_dim = 256
   c.model.embed_dim = 64
   c.model.pretrained = ""
-  # Not paper values: tuned so the README main job (2,400 steps, ~7.5 min on 2 cores)
-  # reaches fused mAP >= 0.9. A from-scratch model this small learns much faster at
+  # Not paper values: tuned so the README main job (2,400 steps, 8m52s in all on 2
+  # cores) reaches fused mAP >= 0.9 (0.921 measured). A from-scratch model this small learns much faster at
   # lr 2e-3 (fused mAP 0.865 at 2,000 steps, vs 0.858 at 1e-3 and 0.802 at 3e-4);
   # see benchmarks/RESULTS.md, "Synthetic main job".
   c.optimizer.lr = 2e-3
@@ -135,8 +135,8 @@ def market_cpu_overrides(c: ml_collections.ConfigDict) -> None:
   """Reduced budget for the 2-core CPU runs reported in benchmarks/RESULTS.md.
 
   Not the paper's settings (256x128, 60k steps): a DaRe-MobileNetV2 train step takes
-  0.66 s at 64x32, 1.9 s at 96x48 and 3.7 s at 128x64 on 2 cores (batch 72, measured),
-  so 64x32 with last_stride=1 (stage 4 at 4x2) is what fits in ~20 minutes. At this
+  0.66 s at 64x32 and 1.9 s at 96x48 on 2 cores (batch 72; the backbone alone 3.7 s at
+  128x64, measured), so 64x32 with last_stride=1 (stage 4 at 4x2) is what fits in ~20 minutes. At this
   budget training stays near the collapsed soft-margin loss (benchmarks/RESULTS.md,
   "Real Market-1501 training"): use it to check the system, not to judge accuracy.
   """
