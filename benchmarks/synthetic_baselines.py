@@ -314,12 +314,8 @@ PROJECT_MODEL = dict(backbone="resnet_small", width=32, last_stride=1, head="tri
 
 def synthetic_config():
   """`configs/dare.py:synthetic`: the model and input size the README main job trains."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dare.py")
-  spec = importlib.util.spec_from_file_location("dare_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("synthetic")
+  from configs import dare  # the repo root is on sys.path (above)
+  return dare.get_config("synthetic")
 
 
 def project_model_untrained(images: np.ndarray, exit_name: str = "fused", seed: int = 0) -> np.ndarray:
