@@ -222,7 +222,7 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   os.remove(os.path.join(wd, "eval_results.json"))
   r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
                       "--config=configs/dare.py:synthetic", f"--workdir={wd}",
-                      "--checkpoint=2", "--tta=flip", "--budget=anytime"]
+                      "--checkpoint=2", "--tta=flip", "--budget=anytime,stream"]
                      + _train_cmd(data_dir, wd)[5:16],
                      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -230,7 +230,8 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   assert res2["tta"] == "flip" and set(res2["exits"]) == set(res["exits"])
   assert "fused" in r.stdout
   # Anytime curve: one point per exit, costs increasing, from the model's own MACs.
-  budget = res2["budget"]
+  assert list(res2["budget"]) == ["anytime", "stream"]  # one embedding pass for both
+  budget = res2["budget"]["anytime"]
   costs = budget["exit_costs_macs"]
   assert costs["stage1"] < costs["stage2"] < costs["stage3"] < costs["stage4"] <= costs["fused"]
   curve = budget["curves"]["DaRe"]
@@ -238,3 +239,12 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   assert [p["exit"] for p in curve] == ["stage1", "stage2", "stage3", "fused"]
   np.testing.assert_allclose(curve[-1]["rank1"], res2["exits"]["fused"]["rank1"], atol=1e-9)
   assert os.path.getsize(os.path.join(wd, "anytime.png")) > 1000
+  # Stream curves from the same embeddings: at the smallest budget every query exits at
+  # stage 1 and at the largest every query takes the fused exit, whatever the rule.
+  stream = res2["budget"]["stream"]["curves"]
+  assert set(stream) == {"distance", "margin", "random"}
+  for rule, points in stream.items():
+    assert len(points) == 9 and points[0]["budget"] == costs["stage1"]
+    np.testing.assert_allclose(points[0]["rank1"], res2["exits"]["stage1"]["rank1"], atol=1e-9)
+    np.testing.assert_allclose(points[-1]["rank1"], res2["exits"]["fused"]["rank1"], atol=1e-9)
+  assert os.path.getsize(os.path.join(wd, "stream.png")) > 1000
