@@ -6,7 +6,8 @@ Variants: `--config=configs/dare.py:VARIANT[,VARIANT...]`
   mobilenetv2          ImageNet MobileNetV2 1.0 backbone (Gluon weights, see README)
   densenet201          DaRe(De): DenseNet-201 backbone
   no_deep_supervision  ablation: triplet loss on the fused embedding only (§5.2)
-  market_cpu           reduced budget for a 2-core CPU: 128x64 input, last_stride=1
+  market_cpu           reduced budget for a 2-core CPU: 64x32 input, last_stride=1,
+                       2,000 steps at lr 1e-3 (see config_lib.market_cpu_overrides)
 """
 
 from __future__ import annotations

@@ -136,14 +136,21 @@ def market_cpu_overrides(c: ml_collections.ConfigDict) -> None:
 
   Not the paper's settings (256x128, 60k steps): a DaRe-MobileNetV2 train step takes
   0.66 s at 64x32 and 1.9 s at 96x48 on 2 cores (batch 72; the backbone alone 3.7 s at
-  128x64, measured), so 64x32 with last_stride=1 (stage 4 at 4x2) is what fits in ~20 minutes. At this
-  budget training stays near the collapsed soft-margin loss (benchmarks/RESULTS.md,
-  "Real Market-1501 training"): use it to check the system, not to judge accuracy.
+  128x64, measured), so 64x32 with last_stride=1 (stage 4 at 4x2) is what fits in well
+  under an hour. Use it to check the system, not to judge accuracy.
   """
   c.input.height = 64
   c.input.width = 32
   c.model.last_stride = 1
-  c.train.steps = 1_500
-  c.optimizer.decay_start = 1_000  # TriNet decays from 60% of training (15k of 25k)
+  # Not the paper's 3e-4: with 2,000 steps instead of 60,000, lr 1e-3 learns much faster.
+  # 400-step probes (no decay), DaRe-MobileNetV2 fused rank-1 / mAP on Market-1501:
+  # lr 1e-3 16.2 / 8.2; lr 3e-4 without erasing 9.7 / 4.8; and lr 3e-4 with erasing
+  # reached only 12.6 / 6.0 after a full 1,500-step schedule (benchmarks/RESULTS.md).
+  # The 2,000-step run reaches 23.6 / 10.9, but at this lr the four learned fusion
+  # weights shrink to ~1e-6 (the under-trained model's soft-margin loss favours a
+  # small scale); see RESULTS.md before reading the fused exit's numbers.
+  c.optimizer.lr = 1e-3
+  c.train.steps = 2_000
+  c.optimizer.decay_start = 1_200  # TriNet decays from 60% of training (15k of 25k)
   c.train.eval_every = 0
   c.train.checkpoint_every = 500
