@@ -146,15 +146,18 @@ def model_exit_costs(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdir: str,
-                  ensemble: list[tuple[ml_collections.ConfigDict, str]] = ()) -> dict:
+                  ensemble: list[tuple[ml_collections.ConfigDict, str]] = (),
+                  costs: dict[str, int] | None = None) -> dict:
   """DaRe §4 curves: anytime (rank-1/mAP vs budget, + sequential-ensemble baseline) or
   budgeted stream (rank-1 vs average budget for the distance/margin/random rules).
-  Writes the plot next to eval_results.json and returns the curves."""
+  `costs`: `model_exit_costs(config)` when already computed (counted and printed here
+  otherwise). Writes the plot next to eval_results.json and returns the curves."""
   from reid_jax.methods.dare import budget as budget_lib, plots
   from reid_jax.models import format_costs
   q_embs, q_labels, g_embs, g_labels = embedded
-  costs = model_exit_costs(config)
-  print(format_costs(costs), flush=True)
+  if costs is None:
+    costs = model_exit_costs(config)
+    print(format_costs(costs), flush=True)
   labels = (q_labels["person_id"], g_labels["person_id"], q_labels["camera_id"],
             g_labels["camera_id"])
   if "fused" not in costs:
@@ -295,11 +298,14 @@ def main(argv):
   results = evaluate_variables(FLAGS.config, variables, step, rerank, tta,
                                embedded=embedded)
   if FLAGS.budget:
+    from reid_jax.models import format_costs
     ensemble = [_load_config_spec(spec) for spec in FLAGS.ensemble]
+    costs = model_exit_costs(FLAGS.config)  # counted once for every mode
+    print(format_costs(costs), flush=True)
     results["budget"] = {}
     for mode in dict.fromkeys(FLAGS.budget):  # each mode once, in the order given
       results["budget"][mode] = budget_curves(FLAGS.config, embedded, mode, FLAGS.workdir,
-                                              ensemble)
+                                              ensemble, costs)
       print(f"wrote {results['budget'][mode]['plot']}")
   path = write_results(results, FLAGS.workdir)
   print(format_table(results))
