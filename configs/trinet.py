@@ -2,8 +2,10 @@
 (FC1024-BN-ReLU-FC128 after the last stage), batch-hard soft-margin triplet loss.
 
 Variants (`configs/trinet.py:VARIANT[,...]`): synthetic, mobilenetv2, resnet18,
-resnet34, resnet50 (default), market_cpu — the resnet ones form the sequential
-ensemble baseline of DaRe §4.1.
+resnet34, resnet50 (default), stages1/stages2/stages3 (backbone cut after that stage),
+market_cpu. The sequential-ensemble baseline of DaRe §4.1 is resnet18, resnet34,
+resnet50 (the paper's); with the ImageNet MobileNetV2 on hand it is mobilenetv2 cut
+after stages 1, 2, 3 and whole (the four depths DaRe's exits see).
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       config.model.pretrained = common.MOBILENETV2_GLUON
     elif v in ("resnet18", "resnet34", "resnet50", "resnet101"):
       config.model.backbone = v
+    elif v in ("stages1", "stages2", "stages3"):
+      config.model.num_stages = int(v[-1])
     elif v == "market_cpu":
       common.market_cpu_overrides(config)
     else:
       raise ValueError(f"unknown configs/trinet.py variant {v!r}; choose from synthetic, "
-                       "mobilenetv2, resnet18, resnet34, resnet50, resnet101, market_cpu")
+                       "mobilenetv2, resnet18, resnet34, resnet50, resnet101, stages1, "
+                       "stages2, stages3, market_cpu")
   return config

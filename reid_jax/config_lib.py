@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.last_stride = 2
   c.model.width = 64                # base width (resnet_small only)
   c.model.head = "dare"
+  c.model.num_stages = 4            # < 4: backbone cut after that stage ("trinet" head)
   c.model.embed_dim = 128
   c.model.hidden_dim = 1024
   c.model.num_classes = 0

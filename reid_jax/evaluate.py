@@ -145,13 +145,21 @@ def model_exit_costs(config: ml_collections.ConfigDict) -> dict[str, int]:
       eval_model(config), None, (config.input.height, config.input.width, 3)).items()}
 
 
+def member_name(config: ml_collections.ConfigDict) -> str:
+  """Name of a sequential-ensemble member: its backbone, plus `_stagesN` if truncated."""
+  n = config.model.get("num_stages", 4)
+  return config.model.backbone + (f"_stages{n}" if n < 4 else "")
+
+
 def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdir: str,
                   ensemble: list[tuple[ml_collections.ConfigDict, str]] = (),
-                  costs: dict[str, int] | None = None) -> dict:
+                  costs: dict[str, int] | None = None, tta: str = "") -> dict:
   """DaRe §4 curves: anytime (rank-1/mAP vs budget, + sequential-ensemble baseline) or
   budgeted stream (rank-1 vs average budget for the distance/margin/random rules).
   `costs`: `model_exit_costs(config)` when already computed (counted and printed here
-  otherwise). Writes the plot next to eval_results.json and returns the curves."""
+  otherwise). `tta`: the test-time augmentation `embedded` was made with; the
+  ensemble members are embedded with the same. Writes the plot next to
+  eval_results.json and returns the curves."""
   from reid_jax.methods.dare import budget as budget_lib, plots
   from reid_jax.models import format_costs
   q_embs, q_labels, g_embs, g_labels = embedded
@@ -169,8 +177,11 @@ def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdi
       ens_q, ens_g, ens_costs = {}, {}, {}
       for cfg, wd in ensemble:
         variables, _ = load_checkpoint_variables(cfg, wd)
-        eq, _, eg, _ = embed_query_gallery(cfg, variables)
-        name = cfg.model.backbone
+        eq, _, eg, _ = embed_query_gallery(cfg, variables, tta)
+        name = member_name(cfg)
+        if name in ens_q:
+          raise ValueError(f"--ensemble has two {name} members; each must be a different "
+                           "network (backbone or model.num_stages)")
         ens_q[name], ens_g[name] = eq["final"], eg["final"]
         ens_costs[name] = model_exit_costs(cfg)["final"]
       curves["ensemble"] = budget_lib.ensemble_anytime_curve(ens_q, ens_g, ens_costs,
@@ -234,6 +245,10 @@ def load_checkpoint_variables(config: ml_collections.ConfigDict, workdir: str,
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ValueError(f"--checkpoint={step} is not in {ckpt_dir}; available: {steps}")
+  # The checkpoint holds every weight: build the template without reading the
+  # ImageNet file (faster, and the run still evaluates if that file has moved).
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.pretrained = ""
   template = create_train_state(jax.random.key(0), config)
   state = ckpt.restore(step, jax.device_get(template))
   ckpt.close()
@@ -258,14 +273,23 @@ def define_flags() -> None:
                     "DaRe §4: anytime and/or stream curves (+ PNG plots), e.g. "
                     "--budget=anytime,stream (the images are embedded once for both).")
   flags.DEFINE_list("ensemble", [],
-                    "Anytime baseline: CONFIG@WORKDIR of single-exit models, smallest "
-                    "first, e.g. configs/trinet.py:resnet18@runs/r18,...")
+                    "Anytime baseline: single-exit models as WORKDIR (the config saved "
+                    "there by training) or CONFIG@WORKDIR, e.g. runs/r18,runs/r34 or "
+                    "configs/trinet.py:resnet18@runs/r18,...")
 
 
 def _load_config_spec(spec: str) -> tuple[ml_collections.ConfigDict, str]:
-  """'configs/trinet.py:resnet18@runs/r18' -> (config, workdir)."""
+  """'runs/r18' (its saved config.json) or 'configs/trinet.py:resnet18@runs/r18'
+  -> (config, workdir)."""
   if "@" not in spec:
-    raise ValueError(f"--ensemble entry {spec!r} must be CONFIG@WORKDIR")
+    path = os.path.join(spec, "config.json")
+    if not os.path.exists(path):
+      raise ValueError(f"--ensemble entry {spec!r}: no {path} (a training workdir has "
+                       "one); give CONFIG@WORKDIR to name the config")
+    with open(path) as f:
+      cfg = ml_collections.ConfigDict(json.load(f))
+    cfg.dataset = FLAGS.config.dataset
+    return cfg, spec
   cfg_spec, wd = spec.rsplit("@", 1)
   path, _, variant = cfg_spec.partition(":")
   import importlib.util
@@ -305,7 +329,7 @@ def main(argv):
     results["budget"] = {}
     for mode in dict.fromkeys(FLAGS.budget):  # each mode once, in the order given
       results["budget"][mode] = budget_curves(FLAGS.config, embedded, mode, FLAGS.workdir,
-                                              ensemble, costs)
+                                              ensemble, costs, tta)
       print(f"wrote {results['budget'][mode]['plot']}")
   path = write_results(results, FLAGS.workdir)
   print(format_table(results))

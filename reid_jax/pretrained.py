@@ -287,7 +287,8 @@ def convert(arch: str, input_path: str, output_path: str) -> dict[str, np.ndarra
 # ----------------------------------------------------------------------------- loading
 
 
-def load_pretrained(variables: Mapping[str, Any], path: str, arch: str) -> Any:
+def load_pretrained(variables: Mapping[str, Any], path: str, arch: str,
+                    truncated: bool = False) -> Any:
   """Returns `variables` with the backbone's params/batch_stats replaced from `path`.
 
   `variables` are those of a `ReIDModel` (the backbone lives under 'backbone') or of a
@@ -296,8 +297,12 @@ def load_pretrained(variables: Mapping[str, Any], path: str, arch: str) -> Any:
   `path` is our converted `.npz`, the GluonCV MobileNetV2 npz, or any input `convert`
   accepts. Head/classifier variables are left untouched. Raises `PretrainedError` (one
   line, naming the file and key) on any missing, unexpected or mis-shaped variable.
+  `truncated=True` (a backbone cut after an early stage, `model.num_stages < 4`): the
+  file must still be a whole `arch` backbone, and its deeper layers are left unused.
   """
   flat, sources = to_flax_arrays(read_arrays(path), arch, path)
+  if truncated:
+    _check(flat, sources, expected_shapes(arch), path, f"the standard {arch} backbone")
   frozen = isinstance(variables, FrozenDict)
   tree = unfreeze(variables)
   in_reid_model = "backbone" in tree.get("params", {})
@@ -305,6 +310,8 @@ def load_pretrained(variables: Mapping[str, Any], path: str, arch: str) -> Any:
               for col in COLLECTIONS if col in tree}
   target = _flatten(backbone)
   what = f"the model's backbone (arch {arch})"
+  if truncated:
+    flat = {k: v for k, v in flat.items() if k in target}
   _check(flat, sources, {k: tuple(v.shape) for k, v in target.items()}, path, what)
   for col, subtree in backbone.items():
     loaded = traverse_util.unflatten_dict({

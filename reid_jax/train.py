@@ -56,7 +56,8 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict) -> Tra
   x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
   if config.model.pretrained:
-    variables = load_pretrained(variables, config.model.pretrained, config.model.backbone)
+    variables = load_pretrained(variables, config.model.pretrained, config.model.backbone,
+                                truncated=config.model.get("num_stages", 4) < 4)
   tx = optim.make_optimizer(config.optimizer, config.train.steps)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats", {}))

@@ -55,6 +55,14 @@ def test_trinet_single_exit_and_classifier_excluded():
   assert costs["final"] == dare["stage4"]  # same backbone + one MLP; no classifier MACs
 
 
+def test_truncated_trinet_costs_its_stages_plus_one_mlp():
+  """A network cut after stage s costs DaRe's stage-s exit (same trunk, one MLP)."""
+  dare = exit_costs(build_model({"backbone": "resnet_small"}), None, (64, 32, 3))
+  for s in (1, 2, 3):
+    model = build_model({"backbone": "resnet_small", "head": "trinet", "num_stages": s})
+    assert exit_costs(model, None, (64, 32, 3)) == {"final": dare[f"stage{s}"]}
+
+
 def test_resnet50_224_is_about_4_1_gmacs():
   costs = exit_costs(resnet50(), None, (224, 224, 3))
   assert costs["stage4"] == pytest.approx(4.1e9, rel=0.03)

@@ -216,6 +216,43 @@ def test_build_model_rejects_bad_config():
   for bad in ({"backbone": "vgg"}, {"head": "x"}, {"dtype": "float16"}, {"last_stride": 3}):
     with pytest.raises(ValueError):
       build_model(bad)
+  with pytest.raises(ValueError, match="num_stages must be in 1..4"):
+    build_model({"head": "trinet", "num_stages": 5})
+  with pytest.raises(ValueError, match="num_stages=2 .* set model.head='trinet'"):
+    build_model({"head": "dare", "num_stages": 2})
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_truncated_trinet_is_backbone_cut_plus_mlp(num_stages):
+  """`num_stages=s`: the embedding is the TriNet MLP on the GAP of stage s (numpy
+  re-derivation from the model's own backbone map and head variables)."""
+  model = build_model({"backbone": "resnet_small", "head": "trinet", "num_stages": num_stages,
+                       "hidden_dim": 16, "embed_dim": 8, "num_classes": 5})
+  x = image(3)
+  variables = numpy_init(model, x)
+  assert sorted(variables["params"]["backbone"]) == sorted(
+      k for k in numpy_init(resnet_small(), x)["params"]
+      if not k.startswith(tuple(f"layer{i}" for i in range(num_stages + 1, 5))))
+  out = model.apply(variables, x)
+  assert sorted(out) == ["final", "logits"]
+  # Every larger max_stage runs the same (whole) cut network; smaller ones stop early.
+  for s in range(num_stages, 5):
+    np.testing.assert_array_equal(model.apply(variables, x, max_stage=s)["final"], out["final"])
+  if num_stages > 1:
+    assert model.apply(variables, x, max_stage=num_stages - 1) == {}
+  bb = {c: variables[c]["backbone"] for c in variables}
+  fmap = np.asarray(resnet_small().apply(bb, x, max_stage=num_stages)[-1])
+  h = variables["params"]["head"]["final"]
+  st = variables["batch_stats"]["head"]["final"]["bn"]
+  pooled = fmap.mean(axis=(1, 2))
+  z = pooled @ np.asarray(h["fc1"]["kernel"]) + np.asarray(h["fc1"]["bias"])
+  z = (z - np.asarray(st["mean"])) / np.sqrt(np.asarray(st["var"]) + 1e-5)
+  z = np.maximum(z * np.asarray(h["bn"]["scale"]) + np.asarray(h["bn"]["bias"]), 0)
+  emb = z @ np.asarray(h["fc2"]["kernel"]) + np.asarray(h["fc2"]["bias"])
+  np.testing.assert_allclose(np.asarray(out["final"]), emb, rtol=1e-4, atol=1e-5)
+  logits = pooled @ np.asarray(variables["params"]["classifier"]["kernel"]) + np.asarray(
+      variables["params"]["classifier"]["bias"])
+  np.testing.assert_allclose(np.asarray(out["logits"]), logits, rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_activations_fp32_params_and_outputs():

@@ -315,6 +315,33 @@ def test_torch_name_npz_and_reid_model_loading(tmp_path):
   assert isinstance(loaded["params"]["head"]["stage1"]["fc1"]["kernel"], jax.ShapeDtypeStruct)
 
 
+def test_truncated_model_takes_the_first_stages_of_a_whole_backbone(tmp_path):
+  """`model.num_stages < 4`: the ImageNet file is a whole backbone; the layers the cut
+  network has are loaded exactly, the deeper ones left unused; a file that is not a
+  whole backbone of the arch is still refused."""
+  rng = np.random.default_rng(0)
+  shapes = pretrained.expected_shapes("resnet18")
+  arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  path = tmp_path / "r18.npz"
+  np.savez(path, __arch__=np.array("resnet18"), **arrays)
+  model = build_model({"backbone": "resnet18", "head": "trinet", "num_stages": 2,
+                       "hidden_dim": 16, "embed_dim": 4})
+  variables = abstract_variables(model)
+  assert "layer3_0" not in variables["params"]["backbone"]
+  with pytest.raises(pretrained.PretrainedError, match="layer3_0.* is not a variable"):
+    pretrained.load_pretrained(variables, str(path), "resnet18")
+  loaded = pretrained.load_pretrained(variables, str(path), "resnet18", truncated=True)
+  flat = pretrained._flatten({c: loaded[c]["backbone"] for c in ("params", "batch_stats")})
+  assert sorted(flat) == sorted(k for k in arrays if not k.split("/")[1].startswith(
+      ("layer3", "layer4")))
+  for key, value in flat.items():
+    np.testing.assert_array_equal(np.asarray(value), arrays[key])
+  del arrays["params/layer4_1/conv2/kernel"]  # not a whole resnet18 file any more
+  np.savez(path, __arch__=np.array("resnet18"), **arrays)
+  with pytest.raises(pretrained.PretrainedError, match="missing params/layer4_1/conv2/kernel"):
+    pretrained.load_pretrained(variables, str(path), "resnet18", truncated=True)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -220,9 +220,19 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert any("train/loss/stage1" in l for l in lines)
   os.remove(os.path.join(wd, "eval_results.json"))
+  # A sequential-ensemble member: ResNet cut after stage 1 (a TriNet head on stage 1),
+  # evaluated (flip TTA, as the DaRe model below) at the end of its training.
+  member = str(tmp_path / "member")
+  cmd = _train_cmd(data_dir, member, steps=2)
+  cmd[3] = "--config=configs/trinet.py:synthetic,stages1"
+  cmd[cmd.index("--config.eval.tta=")] = "--config.eval.tta=flip"
+  r = subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  member_res = json.load(open(os.path.join(member, "eval_results.json")))
   r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
                       "--config=configs/dare.py:synthetic", f"--workdir={wd}",
-                      "--checkpoint=2", "--tta=flip", "--budget=anytime,stream"]
+                      "--checkpoint=2", "--tta=flip", "--budget=anytime,stream",
+                      f"--ensemble={member}"]
                      + _train_cmd(data_dir, wd)[5:16],
                      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -239,6 +249,12 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   assert [p["exit"] for p in curve] == ["stage1", "stage2", "stage3", "fused"]
   np.testing.assert_allclose(curve[-1]["rank1"], res2["exits"]["fused"]["rank1"], atol=1e-9)
   assert os.path.getsize(os.path.join(wd, "anytime.png")) > 1000
+  # The member (its config read from its workdir) costs exactly DaRe's stage-1 exit
+  # (same trunk, same MLP) and scores what its own evaluation gave.
+  [point] = budget["curves"]["ensemble"]
+  assert point["exit"] == "resnet_small_stages1" and point["cost"] == costs["stage1"]
+  np.testing.assert_allclose(point["rank1"], member_res["exits"]["final"]["rank1"], atol=1e-9)
+  np.testing.assert_allclose(point["mAP"], member_res["exits"]["final"]["mAP"], atol=1e-9)
   # Stream curves from the same embeddings: at the smallest budget every query exits at
   # stage 1 and at the largest every query takes the fused exit, whatever the rule.
   stream = res2["budget"]["stream"]["curves"]

@@ -141,19 +141,20 @@ class DaReHead(nn.Module):
 class TriNetHead(nn.Module):
   """TriNet head (Hermans et al., 2017): GAP of the last stage -> Dense + BN + ReLU -> Dense.
 
-  Returns `{'final': embedding}` (float32); with an early exit before stage 4 there is
-  no last-stage map and the result is `{}`.
+  Returns `{'final': embedding}` (float32); with an early exit before the last stage
+  (stage `num_stages`; < 4 for a truncated backbone) the result is `{}`.
   """
 
   hidden_dim: int = 1024
   embed_dim: int = 128
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  num_stages: int = NUM_STAGES
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray], train: bool = False) -> dict[str, jnp.ndarray]:
-    if len(features) < NUM_STAGES:
+    if len(features) < self.num_stages:
       return {}
-    x = global_avg_pool(jnp.asarray(features[-1], self.dtype))
+    x = global_avg_pool(jnp.asarray(features[self.num_stages - 1], self.dtype))
     emb = EmbeddingMLP(self.hidden_dim, self.embed_dim, self.dtype, self.bn_axis_name, name="final")(x, train)
     return {"final": emb.astype(jnp.float32)}

@@ -32,21 +32,26 @@ class ReIDModel(nn.Module):
 
   With `num_classes > 0` a Dense classifier (`classifier`) on the globally pooled
   last-stage map (the feature the embedding head starts from) adds float32 `'logits'`
-  for classification losses; it is only computed when stage 4 is reached.
+  for classification losses; it is only computed when the last stage is reached.
+  `num_stages < 4` truncates the backbone after that stage (a smaller single-exit
+  network, e.g. a member of the sequential-ensemble baseline of DaRe §4.1); a
+  `max_stage` beyond it runs the truncated network whole.
   Variables are `{'params': {'backbone', 'head', 'classifier'?}, 'batch_stats': ...}`.
   """
 
   backbone: nn.Module
   head: nn.Module
   num_classes: int = 0
+  num_stages: int = NUM_STAGES
 
   @nn.compact
   def __call__(
       self, x: jnp.ndarray, train: bool = False, max_stage: int | None = None
   ) -> dict[str, jnp.ndarray]:
-    features = self.backbone(x, train=train, max_stage=max_stage)
+    stop = self.num_stages if max_stage is None else min(int(max_stage), self.num_stages)
+    features = self.backbone(x, train=train, max_stage=stop)
     out = dict(self.head(features, train=train))
-    if self.num_classes > 0 and len(features) == NUM_STAGES:
+    if self.num_classes > 0 and len(features) == self.num_stages:
       pooled = global_avg_pool(features[-1])
       dtype = getattr(self.backbone, "dtype", jnp.float32)
       logits = dense(self.num_classes, pooled.shape[-1], dtype, "classifier")(pooled)
@@ -61,6 +66,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       "last_stride": 2,  # 1 keeps stage 4 at stride 16
       "width": 16,  # base channels; used by resnet_small only
       "head": "dare",  # 'dare' | 'trinet'
+      "num_stages": 4,  # < 4: backbone cut after that stage (single-exit 'trinet' only)
       "embed_dim": 128,
       "hidden_dim": 1024,
       "num_classes": 0,  # > 0 adds an ID classifier ('logits')
@@ -82,6 +88,11 @@ def build_model(config: ml_collections.ConfigDict | dict) -> ReIDModel:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
   if cfg.last_stride not in (1, 2):
     raise ValueError(f"model.last_stride must be 1 or 2, got {cfg.last_stride!r}")
+  if cfg.num_stages not in range(1, NUM_STAGES + 1):
+    raise ValueError(f"model.num_stages must be in 1..{NUM_STAGES}, got {cfg.num_stages!r}")
+  if cfg.num_stages < NUM_STAGES and cfg.head != "trinet":
+    raise ValueError(f"model.num_stages={cfg.num_stages} (a truncated backbone) needs a "
+                     f"single-exit head: set model.head='trinet' (got {cfg.head!r})")
   dtype = DTYPES[cfg.dtype]
   common = dict(last_stride=cfg.last_stride, dtype=dtype, bn_axis_name=cfg.bn_axis_name)
   if cfg.backbone == "resnet_small":
@@ -98,6 +109,8 @@ def build_model(config: ml_collections.ConfigDict | dict) -> ReIDModel:
     )
   else:
     head = TriNetHead(
-        hidden_dim=cfg.hidden_dim, embed_dim=cfg.embed_dim, dtype=dtype, bn_axis_name=cfg.bn_axis_name
+        hidden_dim=cfg.hidden_dim, embed_dim=cfg.embed_dim, dtype=dtype,
+        bn_axis_name=cfg.bn_axis_name, num_stages=cfg.num_stages,
     )
-  return ReIDModel(backbone=backbone, head=head, num_classes=cfg.num_classes)
+  return ReIDModel(backbone=backbone, head=head, num_classes=cfg.num_classes,
+                   num_stages=cfg.num_stages)
