@@ -180,8 +180,7 @@ def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdi
         eq, _, eg, _ = embed_query_gallery(cfg, variables, tta)
         name = member_name(cfg)
         if name in ens_q:
-          raise ValueError(f"--ensemble has two {name} members; each must be a different "
-                           "network (backbone or model.num_stages)")
+          raise ValueError(f"ensemble has two {name} members; use `load_ensemble`")
         ens_q[name], ens_g[name] = eq["final"], eg["final"]
         ens_costs[name] = model_exit_costs(cfg)["final"]
       curves["ensemble"] = budget_lib.ensemble_anytime_curve(ens_q, ens_g, ens_costs,
@@ -278,7 +277,24 @@ def define_flags() -> None:
                     "configs/trinet.py:resnet18@runs/r18,...")
 
 
-def _load_config_spec(spec: str) -> tuple[ml_collections.ConfigDict, str]:
+def load_ensemble(specs: list[str], dataset: ml_collections.ConfigDict
+                  ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """--ensemble entries -> (config, workdir) per member, evaluated on `dataset`.
+
+  Checked before anything is embedded: every member needs a distinct name
+  (`member_name`), since the curve and the JSON key the members by it.
+  """
+  members = [_load_config_spec(spec, dataset) for spec in specs]
+  names = [member_name(cfg) for cfg, _ in members]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"--ensemble={','.join(specs)}: several members are {dup}; each "
+                     "must be a different network (backbone or model.num_stages)")
+  return members
+
+
+def _load_config_spec(spec: str, dataset: ml_collections.ConfigDict
+                      ) -> tuple[ml_collections.ConfigDict, str]:
   """'runs/r18' (its saved config.json) or 'configs/trinet.py:resnet18@runs/r18'
   -> (config, workdir)."""
   if "@" not in spec:
@@ -288,7 +304,7 @@ def _load_config_spec(spec: str) -> tuple[ml_collections.ConfigDict, str]:
                        "one); give CONFIG@WORKDIR to name the config")
     with open(path) as f:
       cfg = ml_collections.ConfigDict(json.load(f))
-    cfg.dataset = FLAGS.config.dataset
+    cfg.dataset = dataset
     return cfg, spec
   cfg_spec, wd = spec.rsplit("@", 1)
   path, _, variant = cfg_spec.partition(":")
@@ -301,7 +317,7 @@ def _load_config_spec(spec: str) -> tuple[ml_collections.ConfigDict, str]:
   cfg = module.get_config(variant or None)
   # The ensemble members are evaluated on the DaRe model's dataset, each at the input
   # size of its own config (what it was trained at; its cost is counted at that size).
-  cfg.dataset = FLAGS.config.dataset
+  cfg.dataset = dataset
   return cfg, wd
 
 
@@ -317,13 +333,17 @@ def main(argv):
   if bad:
     raise app.UsageError(f"--budget={','.join(FLAGS.budget)}: unknown mode(s) {bad}; use "
                          f"{' and/or '.join(BUDGET_MODES)}, e.g. --budget=anytime,stream")
+  if FLAGS.ensemble and "anytime" not in FLAGS.budget:
+    raise app.UsageError("--ensemble is the baseline of the anytime curve: add "
+                         "--budget=anytime")
+  # Read (and check) the members first, so a bad entry fails before any embedding.
+  ensemble = load_ensemble(FLAGS.ensemble, FLAGS.config.dataset)
   variables, step = load_checkpoint_variables(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
   embedded = embed_query_gallery(FLAGS.config, variables, tta)
   results = evaluate_variables(FLAGS.config, variables, step, rerank, tta,
                                embedded=embedded)
   if FLAGS.budget:
     from reid_jax.models import format_costs
-    ensemble = [_load_config_spec(spec) for spec in FLAGS.ensemble]
     costs = model_exit_costs(FLAGS.config)  # counted once for every mode
     print(format_costs(costs), flush=True)
     results["budget"] = {}

@@ -204,6 +204,29 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), va, vb)
 
 
+def test_load_ensemble_reads_saved_configs_and_refuses_duplicates(tmp_path):
+  """--ensemble entries: WORKDIR (its config.json) or CONFIG@WORKDIR; members are named
+  backbone[_stagesN], evaluated on the DaRe run's dataset; two equal networks or a
+  workdir without config.json are one-line errors, raised before any embedding."""
+  from configs import trinet
+  from reid_jax import evaluate
+  for name, variant in (("s2", "mobilenetv2,stages2,market_cpu"), ("s2b", "mobilenetv2,stages2")):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "config.json").write_text(trinet.get_config(variant).to_json())
+  dataset = dare.get_config("synthetic").dataset
+  members = evaluate.load_ensemble(
+      [str(tmp_path / "s2"), f"configs/trinet.py:mobilenetv2@{tmp_path / 'x'}"], dataset)
+  assert [evaluate.member_name(c) for c, _ in members] == ["mobilenetv2_stages2", "mobilenetv2"]
+  assert [wd for _, wd in members] == [str(tmp_path / "s2"), str(tmp_path / "x")]
+  cfg = members[0][0]
+  assert cfg.dataset.name == "synthetic_reid"  # the DaRe run's data, the member's model
+  assert (cfg.model.num_stages, cfg.input.height, cfg.optimizer.lr) == (2, 64, 1e-3)
+  with pytest.raises(ValueError, match=r"several members are \['mobilenetv2_stages2'\]"):
+    evaluate.load_ensemble([str(tmp_path / "s2"), str(tmp_path / "s2b")], dataset)
+  with pytest.raises(ValueError, match="no .*config.json .* give CONFIG@WORKDIR"):
+    evaluate.load_ensemble([str(tmp_path / "absent")], dataset)
+
+
 def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   wd = str(tmp_path / "cli")
   r = subprocess.run(_train_cmd(data_dir, wd, steps=2), cwd=REPO, env=_env(1),
@@ -255,6 +278,12 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
   assert point["exit"] == "resnet_small_stages1" and point["cost"] == costs["stage1"]
   np.testing.assert_allclose(point["rank1"], member_res["exits"]["final"]["rank1"], atol=1e-9)
   np.testing.assert_allclose(point["mAP"], member_res["exits"]["final"]["mAP"], atol=1e-9)
+  # --ensemble feeds only the anytime curve: without it the command refuses to run.
+  r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
+                      "--config=configs/dare.py:synthetic", f"--workdir={wd}",
+                      "--budget=stream", f"--ensemble={member}"],
+                     cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode != 0 and "add --budget=anytime" in r.stderr.strip().splitlines()[-1]
   # Stream curves from the same embeddings: at the smallest budget every query exits at
   # stage 1 and at the largest every query takes the fused exit, whatever the rule.
   stream = res2["budget"]["stream"]["curves"]
