@@ -151,6 +151,17 @@ def member_name(config: ml_collections.ConfigDict) -> str:
   return config.model.backbone + (f"_stages{n}" if n < 4 else "")
 
 
+def member_names(ensemble: list[tuple[ml_collections.ConfigDict, str]]) -> list[str]:
+  """`member_name` of each (config, workdir); the curve and the JSON key the members by
+  it, so two equal networks are refused."""
+  names = [member_name(cfg) for cfg, _ in ensemble]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"--ensemble: several members are {dup}; each must be a different "
+                     "network (backbone or model.num_stages)")
+  return names
+
+
 def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdir: str,
                   ensemble: list[tuple[ml_collections.ConfigDict, str]] = (),
                   costs: dict[str, int] | None = None, tta: str = "") -> dict:
@@ -175,12 +186,9 @@ def budget_curves(config: ml_collections.ConfigDict, embedded, mode: str, workdi
     curves = {"DaRe": budget_lib.anytime_curve(q_embs, g_embs, costs, *labels)}
     if ensemble:
       ens_q, ens_g, ens_costs = {}, {}, {}
-      for cfg, wd in ensemble:
+      for name, (cfg, wd) in zip(member_names(ensemble), ensemble):
         variables, _ = load_checkpoint_variables(cfg, wd)
         eq, _, eg, _ = embed_query_gallery(cfg, variables, tta)
-        name = member_name(cfg)
-        if name in ens_q:
-          raise ValueError(f"ensemble has two {name} members; use `load_ensemble`")
         ens_q[name], ens_g[name] = eq["final"], eg["final"]
         ens_costs[name] = model_exit_costs(cfg)["final"]
       curves["ensemble"] = budget_lib.ensemble_anytime_curve(ens_q, ens_g, ens_costs,
@@ -282,14 +290,10 @@ def load_ensemble(specs: list[str], dataset: ml_collections.ConfigDict
   """--ensemble entries -> (config, workdir) per member, evaluated on `dataset`.
 
   Checked before anything is embedded: every member needs a distinct name
-  (`member_name`), since the curve and the JSON key the members by it.
+  (`member_names`).
   """
   members = [_load_config_spec(spec, dataset) for spec in specs]
-  names = [member_name(cfg) for cfg, _ in members]
-  dup = sorted({n for n in names if names.count(n) > 1})
-  if dup:
-    raise ValueError(f"--ensemble={','.join(specs)}: several members are {dup}; each "
-                     "must be a different network (backbone or model.num_stages)")
+  member_names(members)
   return members
 
 
