@@ -322,7 +322,7 @@ def project_model_untrained(images: np.ndarray, exit_name: str = "fused", seed: 
   """Embedding `exit_name` of the README main job's model (DaRe head on `resnet_small`,
   `configs/dare.py:synthetic`) at initialisation, on the config's input size."""
   import jax
-  from reid_jax import train
+  from reid_jax.methods.dare import train
   config = synthetic_config()
   size = (config.input.height, config.input.width)
   state = train.create_train_state(jax.random.key(seed), config)

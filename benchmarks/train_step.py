@@ -24,7 +24,8 @@ from flax import jax_utils
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import dare  # noqa: E402
-from reid_jax import methods, train  # noqa: E402
+from reid_jax.core import parallel  # noqa: E402
+from reid_jax.methods.dare import train  # noqa: E402
 
 
 def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int,
@@ -35,11 +36,11 @@ def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int,
   n = jax.local_device_count()
   state = jax_utils.replicate(train.create_train_state(jax.random.key(0), c))
   step = jax.pmap(functools.partial(train.train_step, model=train.training_model(c),
-                                    loss_fn=methods.get_loss("triplet"), config=c),
-                  axis_name=train.AXIS, donate_argnums=(0,))
+                                    config=c),
+                  axis_name=parallel.AXIS, donate_argnums=(0,))
   b = c.input.P * c.input.K
   rng = np.random.default_rng(0)
-  batch = train.shard({"image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
+  batch = parallel.shard({"image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
                        "person_id": np.repeat(np.arange(c.input.P), c.input.K).astype(np.int32)}, n)
   # Put the batch on the devices once, so the loop times the step alone.
   batch = jax.pmap(lambda x: x)(batch)

@@ -16,7 +16,8 @@ import pytest
 from flax import jax_utils
 
 from configs import dare
-from reid_jax import methods, train
+from reid_jax.core import checkpoint as ckpt_lib, parallel
+from reid_jax.methods.dare import anytime, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,13 +54,12 @@ def _run_steps(config, n_devices: int, batches) -> dict:
   """Runs the pmapped train step over the first n_devices devices on the given batches."""
   state = train.create_train_state(jax.random.key(0), config)
   model = train.training_model(config)
-  step = jax.pmap(functools.partial(train.train_step, model=model,
-                                    loss_fn=methods.get_loss("triplet"), config=config),
-                  axis_name=train.AXIS, devices=jax.devices()[:n_devices])
+  step = jax.pmap(functools.partial(train.train_step, model=model, config=config),
+                  axis_name=parallel.AXIS, devices=jax.devices()[:n_devices])
   state = jax_utils.replicate(state, devices=jax.devices()[:n_devices])
   for b in batches:
-    state, metrics = step(state, train.shard(b, n_devices))
-  return train.unreplicate(state), train.unreplicate(metrics)
+    state, metrics = step(state, parallel.shard(b, n_devices))
+  return parallel.unreplicate(state), parallel.unreplicate(metrics)
 
 
 def test_pmap_8_devices_equals_1_device():
@@ -106,8 +106,7 @@ class _Interrupt(Exception):
 
 
 def _params(workdir, config):
-  from reid_jax.evaluate import load_checkpoint_variables
-  variables, step = load_checkpoint_variables(config, workdir)
+  variables, step = train.load_variables(config, workdir)
   return variables, step
 
 
@@ -123,7 +122,7 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
       raise _Interrupt()
   with pytest.raises(_Interrupt):
     train.train_and_evaluate(c, broken, evaluate_at_end=False, step_callback=crash)
-  assert train.ckpt_lib.Checkpointer(os.path.join(broken, "checkpoints")).latest_step() in (2, 4)
+  assert ckpt_lib.Checkpointer(os.path.join(broken, "checkpoints")).latest_step() in (2, 4)
   train.train_and_evaluate(c, broken, evaluate_at_end=False)  # resumes
 
   va, sa = _params(full, c)
@@ -209,22 +208,21 @@ def test_load_ensemble_reads_saved_configs_and_refuses_duplicates(tmp_path):
   backbone[_stagesN], evaluated on the DaRe run's dataset; two equal networks or a
   workdir without config.json are one-line errors, raised before any embedding."""
   from configs import trinet
-  from reid_jax import evaluate
   for name, variant in (("s2", "mobilenetv2,stages2,market_cpu"), ("s2b", "mobilenetv2,stages2")):
     os.makedirs(tmp_path / name)
     (tmp_path / name / "config.json").write_text(trinet.get_config(variant).to_json())
   dataset = dare.get_config("synthetic").dataset
-  members = evaluate.load_ensemble(
+  members = anytime.load_ensemble(
       [str(tmp_path / "s2"), f"configs/trinet.py:mobilenetv2@{tmp_path / 'x'}"], dataset)
-  assert [evaluate.member_name(c) for c, _ in members] == ["mobilenetv2_stages2", "mobilenetv2"]
+  assert [anytime.member_name(c) for c, _ in members] == ["mobilenetv2_stages2", "mobilenetv2"]
   assert [wd for _, wd in members] == [str(tmp_path / "s2"), str(tmp_path / "x")]
   cfg = members[0][0]
   assert cfg.dataset.name == "synthetic_reid"  # the DaRe run's data, the member's model
   assert (cfg.model.num_stages, cfg.input.height, cfg.optimizer.lr) == (2, 64, 1e-3)
   with pytest.raises(ValueError, match=r"several members are \['mobilenetv2_stages2'\]"):
-    evaluate.load_ensemble([str(tmp_path / "s2"), str(tmp_path / "s2b")], dataset)
+    anytime.load_ensemble([str(tmp_path / "s2"), str(tmp_path / "s2b")], dataset)
   with pytest.raises(ValueError, match="no .*config.json .* give CONFIG@WORKDIR"):
-    evaluate.load_ensemble([str(tmp_path / "absent")], dataset)
+    anytime.load_ensemble([str(tmp_path / "absent")], dataset)
 
 
 def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):

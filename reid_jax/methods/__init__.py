@@ -1,33 +1,38 @@
-"""Method registry: each method names the loss the shared train step optimises.
+"""Method families, selected by `config.method`.
 
-A loss function has the signature
-  loss_fn(outputs: dict[str, Array], batch: dict[str, Array], cfg: ConfigDict)
-    -> (scalar loss, dict of scalar metrics)
-where `outputs` is the model's output dict (embeddings per exit, optional logits or
-feature maps) and `batch` the (possibly globally gathered) input batch. New methods
-(IDE classification, MSP-CNN Siamese losses, ...) register a function here and reuse
-the train step, checkpointing and evaluation untouched.
+Each family is a package `reid_jax.methods.<family>` that owns its sampler, model
+outputs, loss, step, optimiser and stages, and exports what the CLIs call:
+
+  train_and_evaluate(config, workdir, *, evaluate_at_end=True, step_callback=None)
+      -> final eval results (dict) or None
+  load_variables(config, workdir, step=None) -> (variables, step)
+      the model variables of a checkpoint (the last stage's for multi-stage methods)
+  make_embedder(config) -> embed(variables, images) -> {name: [B, D]}
+  evaluate_variables(config, variables, step, rerank=False, tta="") -> results dict
+
+The shared machinery (state, loop, checkpoints, optimisers, embedding, evaluators)
+lives in `reid_jax.core`, which imports nothing from here.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from types import ModuleType
 
-LOSSES: dict[str, Callable] = {}
+# config.method -> the family package implementing it.
+METHODS: dict[str, str] = {
+    "dare": "reid_jax.methods.dare",
+    "trinet": "reid_jax.methods.dare",
+    "ide": "reid_jax.methods.classification",
+    "pcb": "reid_jax.methods.classification",
+    "verif_ident": "reid_jax.methods.classification",
+    "apr": "reid_jax.methods.classification",
+}
 
 
-def register_loss(name: str):
-  """Decorator registering `fn` under `name` (the value of config.loss.name)."""
-  def wrap(fn):
-    LOSSES[name] = fn
-    return fn
-  return wrap
-
-
-def get_loss(name: str) -> Callable:
-  """Looks up a registered loss, importing the built-in methods first."""
-  from reid_jax.methods import triplet  # noqa: F401  (registers "triplet")
-  if name not in LOSSES:
-    raise ValueError(f"config.loss.name={name!r} is not a registered loss; "
-                     f"choose one of {sorted(LOSSES)}")
-  return LOSSES[name]
+def get(name: str) -> ModuleType:
+  """The family module of `config.method`; a one-line error names the registered ones."""
+  if name not in METHODS:
+    raise ValueError(f"config.method={name!r} is not a registered method; choose one of "
+                     f"{sorted(METHODS)}")
+  return importlib.import_module(METHODS[name])

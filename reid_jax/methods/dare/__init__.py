@@ -1,0 +1,12 @@
+"""DaRe (Deep Anytime Re-ID, Wang et al. CVPR 2018) and its single-exit TriNet baseline.
+
+`config.method` "dare" or "trinet"; `train` holds the training and embedding,
+`anytime` the §4 budget curves and the sequential-ensemble baseline, `budget` the
+budgeted-stream algorithms on embeddings.
+"""
+
+from reid_jax.methods.dare.train import (embed_query_gallery, evaluate_variables,
+                                         load_variables, make_embedder, train_and_evaluate)
+
+__all__ = ["embed_query_gallery", "evaluate_variables", "load_variables", "make_embedder",
+           "train_and_evaluate"]

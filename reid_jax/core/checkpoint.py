@@ -15,13 +15,16 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Keeps the newest `keep` checkpoints under `directory`, one every `every` steps."""
+  """Keeps the newest `keep` checkpoints under `directory` (the caller picks the steps).
 
-  def __init__(self, directory: str, keep: int = 3, every: int = 1000):
+  `create=False` (read-only use, e.g. evaluation) never creates the directory.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, create: bool = True):
+    self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True),
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -30,11 +33,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iter: Any | None, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iter: Any | None) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, state_template: Any, data_iter: Any | None = None) -> Any:
     """Restores the state (shaped like `state_template`) and, if given, the iterator."""

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from reid_jax.losses import triplet_loss
-from reid_jax.methods import register_loss
+
+LOSSES = ("triplet",)  # config.loss.name values of this family
+MINING = ("global", "device")
 
 
 def parse_margin(margin) -> str | float:
@@ -23,7 +25,6 @@ def parse_margin(margin) -> str | float:
     raise ValueError(f"config.loss.margin={margin!r}: use 'soft' or a number such as 0.2")
 
 
-@register_loss("triplet")
 def multi_exit_triplet_loss(outputs: dict[str, jnp.ndarray], batch: dict[str, jnp.ndarray],
                             cfg: ml_collections.ConfigDict
                             ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:

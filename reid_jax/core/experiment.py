@@ -1,0 +1,116 @@
+"""What every method's `train_and_evaluate` shares around `fit`: the workdir's saved
+config, the writer, evaluating and logging a state, restoring a checkpoint's variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from reid_jax.core import evaluators
+from reid_jax.core.checkpoint import Checkpointer
+from reid_jax.core.writer import MetricWriter
+
+# The config sections a resumed run must share with the one that wrote the workdir.
+RESUME_KEYS = ("method", "dataset", "model", "loss", "input")
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a run whose method/model/data/loss differ from the saved config.
+
+  A workdir without any checkpoint holds no run yet, so it never refuses a new config
+  (a first start that failed before training leaves the folder reusable).
+  """
+  path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(path) or not _has_checkpoint(ckpt_dir):
+    return
+  new = json.loads(config.to_json())
+  with open(path) as f:
+    old = json.load(f)
+  for key in RESUME_KEYS:
+    if old.get(key, "" if key == "method" else None) != new.get(key):
+      raise ValueError(
+          f"{workdir} holds a run with a different config.{key} (see {path}); use a new "
+          "--workdir or the same config to resume")
+
+
+def _has_checkpoint(ckpt_dir: str) -> bool:
+  """True if the folder (or a stage folder inside it) holds a finished checkpoint."""
+  if not os.path.isdir(ckpt_dir):
+    return False
+  for root, dirs, _ in os.walk(ckpt_dir):
+    if any(d.isdigit() for d in dirs):
+      return True
+  return False
+
+
+def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json atomically (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(json.loads(config.to_json()), f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def saved_method(workdir: str) -> str | None:
+  """config.method of the run saved in `workdir` (None when there is no config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("method", "")
+
+
+def make_writer(workdir: str, total_steps: int) -> MetricWriter:
+  """The run's metric writer (silent on processes other than 0)."""
+  return MetricWriter(workdir, total_steps, enabled=jax.process_index() == 0)
+
+
+def log_evaluation(results: dict, step: int, writer: MetricWriter) -> None:
+  """Writes every exit's metrics to the writer and prints the table."""
+  for exit_name, m in results["exits"].items():
+    writer.write(step, {k: v for k, v in m.items() if isinstance(v, float)},
+                 prefix=f"eval/{exit_name}/")
+  print(evaluators.format_table(results), flush=True)
+
+
+def evaluate_and_log(evaluate_fn: Callable[[Any, int], dict], variables: Any, step: int,
+                     writer: MetricWriter, workdir: str | None = None) -> dict | None:
+  """Process 0 evaluates `variables`, logs them, and writes eval_results.json if `workdir`."""
+  if jax.process_index() != 0:
+    return None
+  results = evaluate_fn(variables, step)
+  log_evaluation(results, step, writer)
+  if workdir is not None:
+    evaluators.write_results(results, workdir)
+  return results
+
+
+def restore_variables(ckpt_dir: str, template: Any, step: int | None = None
+                      ) -> tuple[dict[str, Any], int]:
+  """{'params', 'batch_stats'} of checkpoint `step` (default: newest) of `ckpt_dir`.
+
+  `template` is a host train state of the right structure. Read-only: creates nothing.
+  """
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first with "
+                            "`python -m reid_jax.train --config=... --workdir=...`")
+  ckpt = Checkpointer(ckpt_dir, create=False)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first with "
+                            "`python -m reid_jax.train --config=... --workdir=...`")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"--checkpoint={step} is not in {ckpt_dir}; available: {steps}")
+  state = ckpt.restore(step, jax.device_get(template))
+  ckpt.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}, step

@@ -1,0 +1,150 @@
+"""The one training loop every method runs: `fit` steps a state from a start to a stop.
+
+A method hands `fit` a per-device step function `step_fn(state, batch, rng) -> (state,
+metrics)` (pmapped here over the local devices with axis `parallel.AXIS`), an iterator
+of host batches and how to turn one into the step's inputs. `fit` restores the newest
+checkpoint of its folder (state and iterator position), runs the remaining steps, logs,
+evaluates periodically, saves every `checkpoint_every` steps and always at the end, and
+returns the final state. The step's random key is `fold_in(key(seed), step)` (folded
+again with the device index inside `step_fn` if the method wants per-device keys), so a
+resumed run draws exactly the keys an uninterrupted one does.
+
+A method with several stages runs one `fit` per stage, each in its own checkpoint
+folder (`stage_dir`); a finished stage is restored, not trained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from reid_jax.core import optim, parallel
+from reid_jax.core.checkpoint import Checkpointer
+from reid_jax.core.state import TrainState
+from reid_jax.core.writer import MetricWriter
+
+StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss or gradient norm became NaN or infinite; no such state is ever saved."""
+
+
+@dataclasses.dataclass
+class FitConfig:
+  """What `fit` needs of `config.train` (and the seed)."""
+  steps: int
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 0          # 0 = only at the end (done by the method)
+  checkpoint_every: int = 1000  # 0 = only at the end
+  keep_checkpoints: int = 3
+
+  @classmethod
+  def from_config(cls, config, steps: int | None = None) -> "FitConfig":
+    t = config.train
+    steps = int(t.steps if steps is None else steps)
+    if steps < 1:
+      raise ValueError(f"config.train.steps={steps}: must be at least 1")
+    for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if int(t[field]) < (1 if field in ("log_every", "keep_checkpoints") else 0):
+        raise ValueError(f"config.train.{field}={t[field]}: must be "
+                         f"{'positive' if field in ('log_every', 'keep_checkpoints') else '>= 0'}")
+    return cls(steps=steps, seed=int(config.seed),
+               log_every=int(t.log_every), eval_every=int(t.eval_every),
+               checkpoint_every=int(t.checkpoint_every),
+               keep_checkpoints=int(t.keep_checkpoints))
+
+
+def stage_dir(workdir: str, stage: str | None = None) -> str:
+  """Checkpoint folder of a stage: `workdir/checkpoints` for single-stage methods,
+  `workdir/checkpoints/<stage>` for each stage of a multi-stage method."""
+  base = os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(base, stage) if stage else base
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """The (raw uint32) random key of optimisation step `step` (1-based), the same after
+  a resume."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
+def _check_finite(step: int, scalars: dict[str, float], last_good: int | None,
+                  ckpt_dir: str) -> None:
+  bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
+  if bad:
+    where = (f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good
+             else "no checkpoint was saved")
+    raise TrainingDiverged(f"training diverged at step {step}: {', '.join(bad)} not finite "
+                           f"({where}); lower the learning rate and re-run")
+
+
+def _mean_scalars(pending: list[dict]) -> dict[str, float]:
+  host = [parallel.unreplicate(m) for m in pending]
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
+        ckpt_dir: str, cfg: FitConfig, prepare_batch: Callable[[dict, int], dict],
+        examples_per_step: int, writer: MetricWriter, log_prefix: str = "train/",
+        evaluate_fn: Callable[[TrainState, int], Any] | None = None,
+        step_callback: Callable[[int], None] | None = None,
+        donate: bool = True) -> TrainState:
+  """Trains `state` (a fresh host state, the template for restoring) to `cfg.steps`.
+
+  `prepare_batch(host_batch, step)` selects and converts what `step_fn` reads (e.g.
+  identity labels) before sharding. `evaluate_fn(host_state, step)` runs every
+  `cfg.eval_every` steps (not at the last one: the method evaluates the final model).
+  `step_callback(step)` runs after every step (tests simulate a crash with it).
+  Returns the final state on the host (unreplicated).
+  """
+  is_main = jax.process_index() == 0
+  n_local = jax.local_device_count()
+  ckpt = Checkpointer(ckpt_dir, keep=max(cfg.keep_checkpoints, 1))
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, state, train_iter)
+    if is_main:
+      print(f"Resuming from checkpoint step {start} in {ckpt_dir}", flush=True)
+  if start >= cfg.steps:
+    ckpt.close()
+    return state
+
+  p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,) if donate else ())
+  state = jax_utils.replicate(state)
+  writer.start(start)
+  pending: list[dict] = []
+  t_last, s_last = time.time(), start
+  last_saved = start or None
+  for step in range(start + 1, cfg.steps + 1):
+    batch = parallel.shard(prepare_batch(next(train_iter), step), n_local)
+    keys = jax_utils.replicate(step_key(cfg.seed, step))
+    state, metrics = p_step(state, batch, keys)
+    pending.append(metrics)
+    last = step == cfg.steps
+    save = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+    if pending and (save or step % cfg.log_every == 0 or last):
+      scalars = _mean_scalars(pending)
+      _check_finite(step, scalars, last_saved, ckpt_dir)
+      scalars.update(optim.current_learning_rates(parallel.unreplicate(state.opt_state)))
+      now = time.time()
+      ips = (step - s_last) * examples_per_step / max(now - t_last, 1e-9)
+      scalars["images_per_s"] = ips
+      writer.write(step, scalars, prefix=log_prefix)
+      writer.progress(step, ips, scalars)
+      pending, t_last, s_last = [], now, step
+    if save:
+      ckpt.save(step, parallel.unreplicate(state), train_iter)
+      last_saved = step
+    if evaluate_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and not last:
+      evaluate_fn(parallel.unreplicate(state), step)
+    if step_callback is not None:
+      step_callback(step)
+  ckpt.close()
+  return parallel.unreplicate(state)

@@ -1,0 +1,57 @@
+"""Data-parallel helpers: the pmap axis, sharding a host batch, reading replicas back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+AXIS = "batch"
+
+
+def shard(batch: dict[str, np.ndarray], n_devices: int) -> dict[str, np.ndarray]:
+  """[B, ...] -> [n_devices, B // n_devices, ...] for pmap."""
+  def split(x):
+    if x.shape[0] % n_devices:
+      raise ValueError(f"per-process batch {x.shape[0]} is not divisible by {n_devices} "
+                       "local devices; change the batch size in the config")
+    return x.reshape((n_devices, x.shape[0] // n_devices) + x.shape[1:])
+  return jax.tree_util.tree_map(split, batch)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first replica of a pmapped pytree, as host numpy arrays.
+
+  (flax.jax_utils.unreplicate keeps the device axis when pmap ran on one device.)
+  """
+  def first(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+    return x
+  return jax.tree_util.tree_map(first, tree)
+
+
+def check_divisible(global_batch: int, what: str) -> None:
+  """A global batch must split evenly over every device of every process."""
+  if global_batch % jax.device_count():
+    raise ValueError(f"global batch {what}={global_batch} is not divisible by "
+                     f"{jax.device_count()} devices; change it")
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Calls jax.distributed.initialize() when launched as one of several processes.
+
+  Explicit flags win; otherwise SLURM (`SLURM_NTASKS > 1`) or `REID_JAX_DISTRIBUTED=1`
+  (Cloud TPU VMs) let JAX auto-detect the cluster.
+  """
+  if coordinator_address or (num_processes or 1) > 1:
+    # CPU-only multi-process runs (tests, debugging) need gloo for cross-process collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get(
+      "REID_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()  # SLURM / Cloud TPU: auto-detected.

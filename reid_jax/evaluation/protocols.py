@@ -1,0 +1,83 @@
+"""The evaluation protocols `reid_jax.core.evaluators` looks up by name.
+
+* `market`: Market-1501/DukeMTMC/CUHK03-new ranking of the whole gallery (CMC, mAP,
+  mINP; queries without a cross-camera match are skipped and counted).
+* `cuhk_single_shot`: the classic CUHK03/CUHK01 single-shot CMC (one gallery image per
+  identity drawn per repeat; `evaluate_cuhk03`).
+* `video`: MARS-style: frame embeddings mean-pooled per tracklet, then `market`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reid_jax import evaluation
+from reid_jax.core.evaluators import register
+
+
+def summary(res: dict) -> dict[str, float]:
+  """rank-1/5/10, mAP and mINP from an evaluate_* dict."""
+  cmc = np.asarray(res["cmc"])
+  pick = lambda r: float(cmc[min(r, len(cmc)) - 1])
+  return {"rank1": pick(1), "rank5": pick(5), "rank10": pick(10),
+          "mAP": float(res["mAP"]), "mINP": float(res["mINP"])}
+
+
+def _distance(qe: np.ndarray, ge: np.ndarray, rerank: bool) -> np.ndarray:
+  dist = np.asarray(evaluation.pairwise_distance(qe, ge, metric="euclidean"))
+  if rerank:
+    dist = evaluation.re_ranking(
+        dist, np.asarray(evaluation.pairwise_distance(qe, qe, metric="euclidean")),
+        np.asarray(evaluation.pairwise_distance(ge, ge, metric="euclidean")))
+  return dist
+
+
+def _rank_all(q_embs, q_labels, g_embs, g_labels, max_rank, rerank, fn, **kw):
+  """({name: metrics}, queries scored, queries): queries without a valid match are
+  skipped by the protocol, and their count is reported, never hidden."""
+  out, scored = {}, 0
+  for name in q_embs:
+    dist = _distance(q_embs[name], g_embs[name], rerank)
+    res = fn(dist, q_labels["person_id"], g_labels["person_id"], q_labels["camera_id"],
+             g_labels["camera_id"], max_rank=max_rank, **kw)
+    out[name], scored = summary(res), int(res["num_valid_queries"])
+  return out, scored, len(q_labels["person_id"])
+
+
+@register("market")
+def market(q_embs, q_labels, g_embs, g_labels, *, max_rank=50, rerank=False):
+  """Market-1501 protocol for each embedding name (video sets: tracklets pooled first,
+  as `video`)."""
+  if "tracklet_id" in q_labels:
+    return video(q_embs, q_labels, g_embs, g_labels, max_rank=max_rank, rerank=rerank)
+  return _rank_all(q_embs, q_labels, g_embs, g_labels, max_rank, rerank,
+                   evaluation.evaluate_rank)
+
+
+@register("cuhk_single_shot")
+def cuhk_single_shot(q_embs, q_labels, g_embs, g_labels, *, max_rank=50, rerank=False):
+  """Classic CUHK03/CUHK01 single-shot CMC (10 gallery draws), mAP over the gallery."""
+  return _rank_all(q_embs, q_labels, g_embs, g_labels, max_rank, rerank,
+                   evaluation.evaluate_cuhk03)
+
+
+def pool_tracklets(embs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                   method: str = "mean"):
+  """Video: pools frame embeddings per tracklet (DaRe §5: mean) before ranking."""
+  if "tracklet_id" not in labels:
+    return embs, labels
+  pooled, ids, pids, cams = {}, None, None, None
+  for k, v in embs.items():
+    pooled[k], ids, pids, cams = evaluation.pool_by_tracklet(
+        v, labels["tracklet_id"], labels["person_id"], labels["camera_id"], method)
+  return pooled, {"person_id": pids, "camera_id": cams, "tracklet_id": ids}
+
+
+@register("video")
+def video(q_embs, q_labels, g_embs, g_labels, *, max_rank=50, rerank=False):
+  """Tracklet-level Market-style ranking (frames mean-pooled per tracklet)."""
+  if "tracklet_id" not in q_labels:
+    raise ValueError("config.eval.protocol=video needs a video dataset (records with "
+                     "tracklet_id, e.g. mars); use market for image datasets")
+  return _rank_all(*pool_tracklets(q_embs, q_labels), *pool_tracklets(g_embs, g_labels),
+                   max_rank, rerank, evaluation.evaluate_rank)
