@@ -83,6 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.0
+  # Shared by every optimiser (reid_jax.core.optim): the schedule ("" = the optimiser's
+  # own: trinet for adam, step for sgd), SGD momentum, step decay, parameter groups
+  # (top-level parameter name -> lr multiplier) and gradient accumulation.
+  c.optimizer.schedule = ""
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.decay_steps = ()
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.lr_mult = ml_collections.ConfigDict()
+  c.optimizer.accumulate_steps = 1
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 25_000
@@ -96,7 +106,67 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_rank = 50
   c.eval.rerank = False
   c.eval.tta = ""                   # "", "flip" or "five_crop"
+  # Evaluation protocol(s) by name (reid_jax.core.evaluators): market (whole-gallery
+  # ranking; video sets pool tracklets), cuhk_single_shot, video; comma-separated for several.
+  c.eval.protocol = "market"
   return c
+
+
+def classification_config() -> ml_collections.ConfigDict:
+  """Base of the classification family (IDE, PCB, verif_ident, APR): the shared fields
+  plus the family's own sampler, head and loss options (values set per config)."""
+  c = base_config()
+  c.dataset.attributes = ""         # APR: market_attribute.mat (Lin et al.) or "synthetic"
+  c.input.sampler = "shuffle"       # shuffle (random images), pk, or pairs (verif_ident)
+  c.input.batch_size = 32           # images (shuffle) or pairs (pairs) per global batch
+  c.input.neg_per_pos = 1.0         # pairs: negatives per positive at step 0 ...
+  c.input.neg_per_pos_end = 1.0     # ... growing linearly to this ...
+  c.input.neg_ramp_steps = 0        # ... over this many steps
+  c.input.augment.resize_scale = 1.0
+  c.input.augment.pad = 10
+  c.model.head = "classification"
+  c.model.bottleneck = 512
+  c.model.bottleneck_relu = False
+  c.model.dropout = 0.5
+  c.model.num_parts = 6
+  c.model.reduce_dim = 256
+  c.model.rpp = False
+  c.model.verif_dropout = 0.5
+  c.loss.name = "softmax"
+  c.loss.exits = ()
+  c.loss.label_smoothing = 0.0
+  c.loss.triplet_weight = 0.0       # > 0: + batch-hard triplet (needs input.sampler=pk)
+  c.loss.triplet_margin = "soft"
+  c.loss.bnneck = True              # triplet on the pre-BN feature (Luo et al. 2019)
+  c.loss.id_weight = 1.0
+  c.loss.verif_weight = 1.0
+  c.optimizer.name = "sgd"
+  c.optimizer.rpp_lr = 0.01
+  c.optimizer.rpp_decay_steps = ()
+  c.train.rpp_steps = 0
+  return c
+
+
+def classification_synthetic(c: ml_collections.ConfigDict) -> None:
+  """CPU-sized classification run on the embedded synthetic set (tests, smoke runs)."""
+  c.dataset.name = "synthetic_reid"
+  c.input.height = 96
+  c.input.width = 48
+  c.input.worker_count = 1
+  c.input.augment.pad = 4
+  c.model.backbone = "resnet_small"
+  c.model.width = 16
+  c.model.last_stride = 1
+  c.model.bottleneck = 128
+  c.model.pretrained = ""
+  c.optimizer.lr_mult = ml_collections.ConfigDict()  # no ImageNet backbone to protect
+  c.optimizer.lr = 0.05
+  c.train.steps = 1_500
+  c.optimizer.decay_steps = (1_100,)
+  c.train.log_every = 50
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 500
+  c.eval.tta = "flip"
 
 
 def synthetic_overrides(c: ml_collections.ConfigDict) -> None:

@@ -118,6 +118,7 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
 
   p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,) if donate else ())
   state = jax_utils.replicate(state)
+  writer.total = cfg.steps  # progress and ETA of this stage
   writer.start(start)
   pending: list[dict] = []
   t_last, s_last = time.time(), start

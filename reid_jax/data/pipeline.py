@@ -30,6 +30,9 @@ from reid_jax.data import samplers as smp
 # Batches of an endless training stream (any number well beyond a training run).
 _ENDLESS = 1 << 62
 _STATE_VERSION = 1
+# Samplers sized by `batch_size` (examples per global batch), and their batch kinds.
+_NEEDS_BATCH_SIZE = ("shuffle", "pairs", "triplets")
+_KIND = {"pk": "single", "shuffle": "single", "pairs": "pairs", "triplets": "triplets"}
 
 
 # ----------------------------------------------------------------------------
@@ -351,21 +354,33 @@ def _check_common(height: int, width: int, process_index: int, process_count: in
 
 def make_sampler(labels: Mapping[str, np.ndarray], *, sampler: str = "pk", P: int = 18,
                  K: int = 4, batch_size: int | None = None, seed: int = 0,
-                 neg_per_pos: float = 2.0, min_person_id: int = 1) -> smp.BatchSampler:
-  """The training sampler named by `sampler` ('pk', 'pairs' or 'triplets')."""
+                 neg_per_pos: float = 2.0, min_person_id: int = 1,
+                 neg_per_pos_end: float | None = None,
+                 neg_ramp_steps: int = 0) -> smp.BatchSampler:
+  """The training sampler named by `sampler` ('pk', 'shuffle', 'pairs' or 'triplets').
+
+  `neg_per_pos_end`/`neg_ramp_steps` (pairs only) ramp the negative share linearly
+  from `neg_per_pos` to `neg_per_pos_end` over the first `neg_ramp_steps` batches.
+  """
   pids = labels["person_id"]
   cams = labels.get("camera_id")
   if sampler == "pk":
     return smp.PKSampler(pids, P=P, K=K, seed=seed, min_person_id=min_person_id)
+  if sampler not in _NEEDS_BATCH_SIZE:
+    raise ValueError(f"Unknown sampler {sampler!r}; use 'pk', 'shuffle', 'pairs' or "
+                     "'triplets'.")
   if batch_size is None:
-    raise ValueError(f"sampler={sampler!r} needs batch_size (pairs/triplets per batch)")
+    raise ValueError(f"sampler={sampler!r} needs batch_size (images/pairs/triplets per "
+                     "batch)")
+  if sampler == "shuffle":
+    return smp.ShuffleSampler(pids, batch_size=batch_size, seed=seed,
+                              min_person_id=min_person_id)
   if sampler == "pairs":
     return smp.PairSampler(pids, cams, batch_size=batch_size, seed=seed,
-                           neg_per_pos=neg_per_pos, min_person_id=min_person_id)
-  if sampler == "triplets":
-    return smp.TripletSampler(pids, cams, batch_size=batch_size, seed=seed,
-                              min_person_id=min_person_id)
-  raise ValueError(f"Unknown sampler {sampler!r}; use 'pk', 'pairs' or 'triplets'.")
+                           neg_per_pos=neg_per_pos, min_person_id=min_person_id,
+                           neg_per_pos_end=neg_per_pos_end, neg_ramp_steps=neg_ramp_steps)
+  return smp.TripletSampler(pids, cams, batch_size=batch_size, seed=seed,
+                            min_person_id=min_person_id)
 
 
 def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
@@ -377,14 +392,18 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
                  num_batches: int | None = None,
                  labels: Mapping[str, np.ndarray] | None = None,
                  neg_per_pos: float = 2.0, min_person_id: int = 1,
-                 normalize: bool = True, jpeg_draft: bool = True) -> ReidIterator:
+                 normalize: bool = True, jpeg_draft: bool = True,
+                 neg_per_pos_end: float | None = None,
+                 neg_ramp_steps: int = 0) -> ReidIterator:
   """Endless (or `num_batches`) stream of augmented training batches for this process.
 
   Args:
     source: random-access records (`tfds.data_source(...)`, a list of dicts, ...)
       with `image` (uint8 HxWx3 or encoded bytes), `person_id`, `camera_id`.
-    sampler: 'pk' (P identities x K images; global batch P*K), 'pairs' or
-      'triplets' (`batch_size` pairs/triplets per global batch).
+    sampler: 'pk' (P identities x K images; global batch P*K), 'shuffle'
+      (`batch_size` single images in seeded per-epoch random order, for
+      identity classification), 'pairs' or 'triplets' (`batch_size`
+      pairs/triplets per global batch).
     augment: `AugmentConfig` options as a dict or ConfigDict (defaults: TriNet
       resize x1.125 + random crop + flip; erasing/cut-out off).
     seed: fixes sampling and augmentation.
@@ -395,14 +414,20 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
     read_threads, prefetch: threads and batches prefetched per process (grain
       ReadOptions); worker_buffer_size: batches buffered per worker.
     labels: `read_labels(source)` if already computed.
+    neg_per_pos: negatives per positive pair ('pairs').
+    neg_per_pos_end, neg_ramp_steps: 'pairs' only; when `neg_per_pos_end` is
+      given the ratio grows linearly from `neg_per_pos` at batch 0 to it at batch
+      `neg_ramp_steps` and stays there (TOMM 2017 verification+identification:
+      1.0 -> 4.0). Part of the sampler repr, hence of the resume check.
     min_person_id: identities below it (distractors 0, junk -1) are not sampled.
     normalize: float32 ImageNet-normalised images; False gives uint8 (normalise
       on device with `augment.normalize`'s formula; 4x less to copy).
     jpeg_draft: decode large JPEGs at reduced scale (see `augment.to_pil`).
 
   Returns:
-    A `ReidIterator` of dicts of numpy arrays. 'pk': `image` [B,H,W,3],
-    `person_id`, `camera_id` int32 [B] (B = P*K / process_count). 'pairs':
+    A `ReidIterator` of dicts of numpy arrays. 'pk' and 'shuffle': `image`
+    [B,H,W,3], `person_id`, `camera_id` int32 [B] (B = P*K or batch_size,
+    divided by process_count). 'pairs':
     `image_a`, `image_b`, `person_id_a/b`, `camera_id_a/b`, `same` (int32 1/0).
     'triplets': `anchor`, `positive`, `negative`, `person_id_{anchor,positive,
     negative}`, `camera_id_{...}`.
@@ -412,8 +437,9 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
   if labels is None:
     labels = smp.read_labels(source)
   spl = make_sampler(labels, sampler=sampler, P=P, K=K, batch_size=batch_size, seed=seed,
-                     neg_per_pos=neg_per_pos, min_person_id=min_person_id)
-  kind = {"pk": "single", "pairs": "pairs", "triplets": "triplets"}[sampler]
+                     neg_per_pos=neg_per_pos, min_person_id=min_person_id,
+                     neg_per_pos_end=neg_per_pos_end, neg_ramp_steps=neg_ramp_steps)
+  kind = _KIND[sampler]
   batch_fn = _BatchFn(RecordReader(source), spl, kind=kind, height=height, width=width,
                       cfg=cfg, seed=seed, process_index=process_index,
                       process_count=process_count, normalize=normalize,

@@ -30,6 +30,7 @@ _log = logging.getLogger(__name__)
 _PK_EPOCH, _PK_BATCH = 0x706B01, 0x706B02
 _PAIR_EPOCH, _PAIR_BATCH = 0x706101, 0x706102
 _TRIPLET_EPOCH, _TRIPLET_BATCH = 0x747201, 0x747202
+_SHUFFLE_EPOCH = 0x736801
 
 _NON_LABEL_FIELDS = ("image",)
 _CHUNK = 4096
@@ -354,6 +355,48 @@ class PKSampler(BatchSampler):
     return {"index": out.reshape(-1)}
 
 
+class ShuffleSampler(BatchSampler):
+  """Single images in random order, for identity classification (IDE-style).
+
+  Like a shuffled PyTorch DataLoader, but endless and random-access by step: the
+  positions run through the concatenation of seeded per-epoch permutations of the
+  pool (records with id >= min_person_id; distractors 0 and junk -1 excluded by
+  default), and batch `step` takes positions step*B .. step*B + B - 1. Batches run
+  across epoch boundaries (no remainder is dropped), so every pool record appears
+  exactly once per epoch of positions.
+
+  Attributes:
+    num_identities: distinct person ids in the pool.
+    batches_per_epoch: ceil(pool / B), the batches from step 0 that cover the first
+      epoch (the last of them may already hold records of the next epoch).
+  """
+
+  def __init__(self, person_ids: np.ndarray, *, batch_size: int, seed: int,
+               min_person_id: int = 1):
+    self.batch_size, self.seed, self.min_person_id = int(batch_size), int(seed), min_person_id
+    if self.batch_size < 1:
+      raise ValueError(f"ShuffleSampler needs batch_size >= 1, got {self.batch_size}.")
+    pids = np.asarray(person_ids).astype(np.int64)
+    pool = np.flatnonzero(pids >= min_person_id)
+    if len(pool) == 0:
+      raise ValueError(f"ShuffleSampler found no records with id >= {min_person_id}.")
+    self.pool_size = len(pool)
+    self.num_identities = len(np.unique(pids[pool]))
+    self.batches_per_epoch = math.ceil(self.pool_size / self.batch_size)
+    self._order = _EpochOrder(pool, self.seed, _SHUFFLE_EPOCH)
+    self._num_records = len(pids)
+
+  def __repr__(self) -> str:
+    return (f"ShuffleSampler(num_records={self._num_records}, pool={self.pool_size}, "
+            f"batch_size={self.batch_size}, seed={self.seed}, "
+            f"min_person_id={self.min_person_id})")
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    step = self._check_step(step)
+    b = self.batch_size
+    return {"index": self._order(step * b + np.arange(b, dtype=np.int64)).astype(np.int64)}
+
+
 class SequentialSampler(BatchSampler):
   """Every record exactly once, in order; the last batch is padded with index -1."""
 
@@ -375,23 +418,36 @@ class SequentialSampler(BatchSampler):
 
 
 class PairSampler(BatchSampler):
-  """Siamese pairs with a fixed negative:positive ratio per batch (MSP-CNN: 2:1).
+  """Siamese pairs with a set negative:positive ratio per batch (MSP-CNN: 2:1).
 
   Anchors walk a seeded per-epoch permutation of the records whose identity has at
   least two images, so each such image anchors once per epoch. In every batch
-  round(B / (1 + neg_per_pos)) seeded slots are positive: the partner is another
-  image of the same identity, from another camera when there is one. The rest are
+  round(B / (1 + ratio)) seeded slots are positive: the partner is another image
+  of the same identity, from another camera when there is one. The rest are
   negative: the partner is uniform over images of other identities.
+
+  The ratio is `neg_per_pos`, or, when `neg_per_pos_end` is given, linear from
+  `neg_per_pos` at step 0 to `neg_per_pos_end` at steps >= `neg_ramp_steps`
+  (Zheng et al., TOMM 2017, grow the negative share from 1:1 to 1:4); a
+  scheduled batch of B >= 2 keeps at least one positive.
   """
 
   arity = 2
 
   def __init__(self, person_ids: np.ndarray, camera_ids: np.ndarray | None, *,
                batch_size: int, seed: int, neg_per_pos: float = 2.0,
-               min_person_id: int = 1):
+               min_person_id: int = 1, neg_per_pos_end: float | None = None,
+               neg_ramp_steps: int = 0):
     self.batch_size, self.seed = int(batch_size), int(seed)
     self.neg_per_pos, self.min_person_id = float(neg_per_pos), min_person_id
-    self.num_positive = int(round(self.batch_size / (1.0 + self.neg_per_pos)))
+    self.neg_per_pos_end = None if neg_per_pos_end is None else float(neg_per_pos_end)
+    self.neg_ramp_steps = int(neg_ramp_steps)
+    if self.neg_per_pos_end is not None and (
+        min(self.neg_per_pos, self.neg_per_pos_end) < 0 or self.neg_ramp_steps < 0):
+      raise ValueError(f"Need neg_per_pos, neg_per_pos_end >= 0 and neg_ramp_steps >= 0, "
+                       f"got {self.neg_per_pos}, {self.neg_per_pos_end}, "
+                       f"{self.neg_ramp_steps}.")
+    self.num_positive = self.positives(0)           # Positive slots of batch 0.
     self._groups = _Groups(person_ids, camera_ids, min_person_id)
     pool = self._groups.records[self._groups.counts[self._groups.group_of[
         self._groups.records]] >= 2]
@@ -402,9 +458,29 @@ class PairSampler(BatchSampler):
     self._num_records = len(person_ids)
 
   def __repr__(self) -> str:
+    schedule = ("" if self.neg_per_pos_end is None else
+                f", neg_per_pos_end={self.neg_per_pos_end}, "
+                f"neg_ramp_steps={self.neg_ramp_steps}")
     return (f"PairSampler(num_records={self._num_records}, batch_size={self.batch_size}, "
             f"neg_per_pos={self.neg_per_pos}, seed={self.seed}, "
-            f"min_person_id={self.min_person_id})")
+            f"min_person_id={self.min_person_id}{schedule})")
+
+  def ratio(self, step: int) -> float:
+    """Negatives per positive at batch `step` (constant without a schedule)."""
+    if self.neg_per_pos_end is None:
+      return self.neg_per_pos
+    step = int(step)
+    if step >= self.neg_ramp_steps:
+      return self.neg_per_pos_end
+    t = max(step, 0) / self.neg_ramp_steps
+    return self.neg_per_pos + (self.neg_per_pos_end - self.neg_per_pos) * t
+
+  def positives(self, step: int) -> int:
+    """Positive slots of batch `step`: round(B / (1 + ratio(step)))."""
+    n = int(round(self.batch_size / (1.0 + self.ratio(step))))
+    if self.neg_per_pos_end is not None and self.batch_size >= 2:
+      n = max(n, 1)  # Unscheduled counts stay exactly as before (no clamp).
+    return n
 
   def __getitem__(self, step: int) -> dict[str, np.ndarray]:
     step = self._check_step(step)
@@ -412,7 +488,7 @@ class PairSampler(BatchSampler):
     anchors = self._anchors(step * b + np.arange(b))
     rng = _rng(_PAIR_BATCH, self.seed, step)
     same = np.zeros(b, np.int32)
-    same[rng.permutation(b)[:self.num_positive]] = 1
+    same[rng.permutation(b)[:self.positives(step)]] = 1
     partners = self._groups.negatives(anchors, rng)
     for i in np.flatnonzero(same):
       partners[i] = self._groups.positive(int(anchors[i]), rng)
