@@ -140,6 +140,7 @@ def classification_config() -> ml_collections.ConfigDict:
   c.loss.bnneck = True              # triplet on the pre-BN feature (Luo et al. 2019)
   c.loss.id_weight = 1.0
   c.loss.verif_weight = 1.0
+  c.loss.normalize_weights = False  # APR: divide the loss by (id_weight + 1)
   c.optimizer.name = "sgd"
   c.optimizer.rpp_lr = 0.01
   c.optimizer.rpp_decay_steps = ()

@@ -149,3 +149,41 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
       step_callback(step)
   ckpt.close()
   return parallel.unreplicate(state)
+
+
+@dataclasses.dataclass
+class Stage:
+  """One training stage of a method: what `fit` needs, built lazily.
+
+  `init_state(previous)` returns the stage's fresh host state (the restore template)
+  from the previous stage's final state (None for the first stage); `make_iterator()`
+  opens the stage's data stream. `name` is '' for a single-stage method (checkpoints in
+  `workdir/checkpoints`) or the stage's folder name under it.
+  """
+  name: str
+  fit_cfg: FitConfig
+  init_state: Callable[[TrainState | None], TrainState]
+  step_fn: StepFn
+  make_iterator: Callable[[], Iterator[dict]]
+  prepare_batch: Callable[[dict, int], dict]
+  examples_per_step: int
+
+
+def run_stages(stages: list[Stage], workdir: str, writer: MetricWriter, *,
+               evaluate_fn: Callable[[Stage, TrainState, int], Any] | None = None,
+               step_callback: Callable[[int], None] | None = None) -> TrainState:
+  """Runs `fit` for each stage in order; a finished stage is restored, not retrained,
+  so a re-run after a kill anywhere (inside or between stages) continues exactly."""
+  state = None
+  for stage in stages:
+    template = stage.init_state(state)
+    periodic = None
+    if evaluate_fn is not None:
+      periodic = lambda host, step, stage=stage: evaluate_fn(stage, host, step)
+    state = fit(template, stage.step_fn, stage.make_iterator(),
+                ckpt_dir=stage_dir(workdir, stage.name or None), cfg=stage.fit_cfg,
+                prepare_batch=stage.prepare_batch,
+                examples_per_step=stage.examples_per_step, writer=writer,
+                log_prefix=f"train/{stage.name + '/' if stage.name else ''}",
+                evaluate_fn=periodic, step_callback=step_callback)
+  return state

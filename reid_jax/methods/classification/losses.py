@@ -78,7 +78,10 @@ def apr_loss(out: dict, batch: dict, cfg: ml_collections.ConfigDict):
   accs = [jnp.sum((jnp.argmax(out[f"attr/{j}"], -1) == attrs[:, j]) * valid)
           / jnp.maximum(jnp.sum(valid), 1.0) for j in range(m)]
   attr = sum(terms) / m
-  return cfg.id_weight * ide + attr, {"loss/id": ide, "loss/attributes": attr,
+  loss = cfg.id_weight * ide + attr
+  if cfg.get("normalize_weights", False):  # keeps the ID term's step near the IDE recipe's
+    loss = loss / (cfg.id_weight + 1.0)
+  return loss, {"loss/id": ide, "loss/attributes": attr,
                                       "top1/id": top1(out["logits"], batch["label"]),
                                       "accuracy/attributes": sum(accs) / m}
 

@@ -300,17 +300,11 @@ def evaluate_variables(config: ml_collections.ConfigDict, variables: Any, step: 
 # ----------------------------------------------------------------------------- stages
 
 
-def stages(config: ml_collections.ConfigDict) -> list[str]:
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
   """The method's training stages: PCB with RPP adds 'rpp' after 'pcb'."""
   if config.method == "pcb" and config.model.get("rpp", False):
     return ["pcb", "rpp"]
   return [""]
-
-
-def _rpp_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.rpp = True
-  return c
 
 
 def _stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -355,7 +349,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
                    step: int | None = None) -> tuple[Any, int]:
   """{'params', 'batch_stats'} of the last stage's checkpoint `step` (default: newest)."""
   classes = num_classes(config)
-  last = stages(config)[-1]
+  last = stage_names(config)[-1]
   cfg = _stage_config(config, last)
   variables = init_variables(jax.random.PRNGKey(0), cfg, classes, pretrained=False)
   template = create_train_state(variables, cfg, classes, max(int(config.train.steps), 1),
@@ -376,6 +370,35 @@ def _stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
   return int(config.train.rpp_steps if stage == "rpp" else config.train.steps)
 
 
+def stages(config: ml_collections.ConfigDict) -> list[loop.Stage]:
+  """The method's training stages (PCB with RPP: 'pcb', then 'rpp' from its result)."""
+  classes = num_classes(config)
+  prepare = BatchPreparer(config)
+  plan = []
+  for name in stage_names(config):
+    cfg = _stage_config(config, name)
+    steps = _stage_steps(config, name)
+
+    def init_state(previous, name=name, cfg=cfg, steps=steps):
+      if previous is None:
+        variables = init_variables(jax.random.PRNGKey(config.seed), cfg, classes)
+      else:  # RPP (Sun et al. §3.2): the trained PCB plus a new part classifier
+        fresh = init_variables(jax.random.PRNGKey(config.seed + 1), cfg, classes,
+                               pretrained=False)
+        params = dict(fresh["params"])
+        params.update(previous.params)
+        variables = {"params": params, "batch_stats": previous.batch_stats}
+      return create_train_state(variables, cfg, classes, steps, _stage_optimizer(config, name))
+
+    plan.append(loop.Stage(
+        name=name, fit_cfg=loop.FitConfig.from_config(config, steps), init_state=init_state,
+        step_fn=functools.partial(train_step, model=build_model(cfg, classes, train=True),
+                                  config=cfg, loss_fn=losses.LOSSES[config.method]),
+        make_iterator=lambda: make_train_iterator(config), prepare_batch=prepare,
+        examples_per_step=examples_per_step(config)))
+  return plan
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_at_end: bool = True,
                        step_callback: Callable[[int], None] | None = None) -> dict | None:
@@ -383,44 +406,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluates the final model. `step_callback(step)` runs after every step of every stage."""
   workdir = os.path.abspath(workdir)
   validate(config)
-  fit_cfgs = {s: loop.FitConfig.from_config(config, _stage_steps(config, s))
-              for s in stages(config)}
-  experiment.check_workdir_config(config, workdir)
-  classes = num_classes(config)
-  prepare = BatchPreparer(config)
+  plan = stages(config)
   saved = ml_collections.ConfigDict(config.to_dict())
-  saved.model.num_classes = classes  # what the checkpoint's classifier was built with
+  saved.model.num_classes = num_classes(config)  # what the classifier was built with
+  experiment.check_workdir_config(saved, workdir)
   experiment.save_workdir_config(saved, workdir)
-  total = sum(c.steps for c in fit_cfgs.values())
+  total = sum(s.fit_cfg.steps for s in plan)
   writer = experiment.make_writer(workdir, total)
+  last = _stage_config(config, plan[-1].name)
   evaluate_fn = lambda cfg: (lambda variables, step: evaluate_variables(
       cfg, variables, step, rerank=config.eval.rerank, tta=config.eval.tta))
-  variables = init_variables(jax.random.PRNGKey(config.seed), _stage_config(
-      config, stages(config)[0]), classes)
-  final = None
-  for stage in stages(config):
-    cfg = _stage_config(config, stage)
-    if stage == "rpp":  # Sun et al. §3.2: start from the trained PCB, add the part classifier
-      fresh = init_variables(jax.random.PRNGKey(config.seed + 1), cfg, classes,
-                             pretrained=False)
-      params = dict(fresh["params"])
-      params.update({k: v for k, v in final.params.items()})
-      variables = {"params": params, "batch_stats": final.batch_stats}
-    state = create_train_state(variables, cfg, classes, fit_cfgs[stage].steps,
-                               _stage_optimizer(config, stage))
-    model = build_model(cfg, classes, train=True)
-    step_fn = functools.partial(train_step, model=model, config=cfg,
-                                loss_fn=losses.LOSSES[config.method])
-    periodic = lambda host, step, cfg=cfg: experiment.evaluate_and_log(
-        evaluate_fn(cfg), state_lib.variables(host), step, writer)
-    final = loop.fit(state, step_fn, make_train_iterator(config),
-                     ckpt_dir=loop.stage_dir(workdir, stage or None), cfg=fit_cfgs[stage],
-                     prepare_batch=prepare, examples_per_step=examples_per_step(config),
-                     writer=writer, log_prefix=f"train/{stage + '/' if stage else ''}",
-                     evaluate_fn=periodic, step_callback=step_callback)
+  final = loop.run_stages(
+      plan, workdir, writer, step_callback=step_callback,
+      evaluate_fn=lambda stage, host, step: experiment.evaluate_and_log(
+          evaluate_fn(_stage_config(config, stage.name)), state_lib.variables(host), step,
+          writer))
   results = None
   if evaluate_at_end:
-    results = experiment.evaluate_and_log(evaluate_fn(_stage_config(config, stages(config)[-1])),
-                                          state_lib.variables(final), total, writer, workdir)
+    results = experiment.evaluate_and_log(evaluate_fn(last), state_lib.variables(final),
+                                          total, writer, workdir)
   writer.close()
   return results

@@ -6,7 +6,8 @@ budgeted-stream algorithms on embeddings.
 """
 
 from reid_jax.methods.dare.train import (embed_query_gallery, evaluate_variables,
-                                         load_variables, make_embedder, train_and_evaluate)
+                                         load_variables, make_embedder, stages,
+    train_and_evaluate)
 
 __all__ = ["embed_query_gallery", "evaluate_variables", "load_variables", "make_embedder",
-           "train_and_evaluate"]
+           "stages", "train_and_evaluate"]

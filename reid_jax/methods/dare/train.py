@@ -147,6 +147,17 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
   return experiment.restore_variables(loop.stage_dir(workdir), template, step)
 
 
+def stages(config: ml_collections.ConfigDict) -> list[loop.Stage]:
+  """DaRe/TriNet train in one stage: PK batches, the multi-exit triplet step."""
+  return [loop.Stage(
+      name="", fit_cfg=loop.FitConfig.from_config(config),
+      init_state=lambda previous: create_train_state(jax.random.key(config.seed), config),
+      step_fn=functools.partial(train_step, model=training_model(config), config=config),
+      make_iterator=lambda: make_train_iterator(config),
+      prepare_batch=lambda b, step: {k: b[k] for k in ("image", "person_id")},
+      examples_per_step=config.input.P * config.input.K)]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_at_end: bool = True,
                        step_callback: Callable[[int], None] | None = None) -> dict | None:
@@ -156,27 +167,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   workdir = os.path.abspath(workdir)
   validate(config)
-  fit_cfg = loop.FitConfig.from_config(config)
+  plan = stages(config)
   experiment.check_workdir_config(config, workdir)
-  state = create_train_state(jax.random.key(config.seed), config)
-  train_iter = make_train_iterator(config)
   experiment.save_workdir_config(config, workdir)
   writer = experiment.make_writer(workdir, config.train.steps)
   evaluate_fn = lambda variables, step: evaluate_variables(
       config, variables, step, rerank=config.eval.rerank, tta=config.eval.tta)
-  periodic = lambda host_state, step: experiment.evaluate_and_log(
-      evaluate_fn, state_lib.variables(host_state), step, writer)
-  step_fn = functools.partial(train_step, model=training_model(config), config=config)
-  final = loop.fit(
-      state, step_fn, train_iter, ckpt_dir=loop.stage_dir(workdir),
-      cfg=fit_cfg,
-      prepare_batch=lambda b, step: {k: b[k] for k in ("image", "person_id")},
-      examples_per_step=config.input.P * config.input.K, writer=writer,
-      evaluate_fn=periodic, step_callback=step_callback)
+  final = loop.run_stages(
+      plan, workdir, writer, step_callback=step_callback,
+      evaluate_fn=lambda stage, host, step: experiment.evaluate_and_log(
+          evaluate_fn, state_lib.variables(host), step, writer))
   results = None
   if evaluate_at_end:
     results = experiment.evaluate_and_log(evaluate_fn, state_lib.variables(final),
                                           config.train.steps, writer, workdir)
   writer.close()
   return results
-

@@ -1,0 +1,198 @@
+"""The shared core against independent references: optimisers (PyTorch SGD semantics,
+parameter groups, step decay, accumulation), the learning rate read from the state,
+evaluation protocols by name, and fit's divergence guard / final save."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from reid_jax import config_lib, evaluation
+from reid_jax.core import checkpoint as ckpt_lib
+from reid_jax.core import evaluators, loop, optim, state as state_lib
+from reid_jax.core.writer import MetricWriter
+
+
+def _sgd_cfg(**kw) -> ml_collections.ConfigDict:
+  c = config_lib.base_config().optimizer
+  c.name = "sgd"
+  c.lr, c.momentum, c.nesterov, c.weight_decay = 0.05, 0.9, True, 5e-4
+  c.decay_steps, c.decay_factor = (2,), 0.1
+  c.update(kw)
+  return c
+
+
+def _torch_sgd_reference(params, grads_seq, lrs_seq, momentum, wd, nesterov):
+  """torch.optim.SGD(momentum, nesterov, weight_decay, dampening=0) written out in numpy:
+  g += wd*p; buf = g (first step) or momentum*buf + g; g = g + momentum*buf (nesterov)
+  or buf; p -= lr*g. One lr per group and step."""
+  p = {k: np.array(v, np.float64) for k, v in params.items()}
+  buf = {}
+  for grads, lrs in zip(grads_seq, lrs_seq):
+    for k in p:
+      g = np.asarray(grads[k], np.float64) + wd * p[k]
+      buf[k] = g if k not in buf else momentum * buf[k] + g
+      d = g + momentum * buf[k] if nesterov else buf[k]
+      p[k] = p[k] - lrs[k] * d
+  return p
+
+
+def test_sgd_groups_step_decay_match_torch_semantics():
+  """Backbone at 0.1x the head's lr, Nesterov, coupled weight decay, x0.1 after step 2."""
+  rng = np.random.default_rng(0)
+  params = {"backbone": rng.normal(size=(3, 2)).astype(np.float32),
+            "head": rng.normal(size=(4,)).astype(np.float32)}
+  cfg = _sgd_cfg()
+  cfg.lr_mult = ml_collections.ConfigDict({"backbone": 0.1})
+  tx = optim.make_optimizer(cfg, 10, params)
+  opt_state = tx.init(params)
+  grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+               for _ in range(4)]
+  p = params
+  seen_lrs = []
+  for g in grads_seq:
+    updates, opt_state = tx.update(g, opt_state, p)
+    p = optax.apply_updates(p, updates)
+    seen_lrs.append(optim.current_learning_rates(opt_state))
+  # Updates 1-2 at the base rate, 3-4 after the x0.1 step (PyTorch MultiStepLR at 2).
+  lrs_seq = [{"head": 0.05 * f, "backbone": 0.005 * f} for f in (1, 1, 0.1, 0.1)]
+  ref = _torch_sgd_reference(params, grads_seq, lrs_seq, 0.9, 5e-4, True)
+  for k in params:
+    np.testing.assert_allclose(p[k], ref[k], rtol=1e-5, atol=1e-7)
+  # The rate read from the optimiser state is the one the last update used.
+  np.testing.assert_allclose([s["lr/default"] for s in seen_lrs], [0.05, 0.05, 0.005, 0.005],
+                             rtol=1e-6)
+  np.testing.assert_allclose([s["lr/backbone"] for s in seen_lrs],
+                             [0.005, 0.005, 0.0005, 0.0005], rtol=1e-6)
+
+
+def test_adam_schedule_and_single_group_lr():
+  """TriNet/DaRe Adam: lr constant to t0 then base*(end/base)^((t-t0)/(T-t0))."""
+  c = config_lib.base_config().optimizer
+  c.lr, c.end_lr, c.decay_start = 1e-3, 1e-6, 2
+  tx = optim.make_optimizer(c, 5)
+  params = {"w": jnp.ones(3)}
+  s = tx.init(params)
+  lrs = []
+  for _ in range(5):
+    _, s = tx.update({"w": jnp.ones(3)}, s, params)
+    lrs.append(optim.current_learning_rates(s)["lr"])
+  expected = [1e-3 * (1e-3) ** min(max(t - 2, 0) / 3, 1) for t in range(5)]
+  np.testing.assert_allclose(lrs, expected, rtol=1e-5)
+
+
+def test_accumulation_equals_mean_gradient_step():
+  """optax.MultiSteps over k calls == one step on the mean of the k gradients."""
+  rng = np.random.default_rng(1)
+  params = {"w": rng.normal(size=(5,)).astype(np.float32)}
+  grads = [{"w": rng.normal(size=(5,)).astype(np.float32)} for _ in range(3)]
+  cfg = _sgd_cfg(decay_steps=(), accumulate_steps=3)
+  tx = optim.make_optimizer(cfg, 10, params)
+  s, p = tx.init(params), params
+  for i, g in enumerate(grads):
+    u, s = tx.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    if i < 2:
+      np.testing.assert_array_equal(p["w"], params["w"])  # nothing applied yet
+  mean = {"w": np.mean([g["w"] for g in grads], 0)}
+  ref = _torch_sgd_reference(params, [mean], [{"w": 0.05}], 0.9, 5e-4, True)
+  np.testing.assert_allclose(p["w"], ref["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"config.optimizer.name='lamb': use one of"):
+    optim.make_optimizer(_sgd_cfg(name="lamb"), 10)
+  cfg = _sgd_cfg()
+  cfg.lr_mult = ml_collections.ConfigDict({"trunk": 0.1})
+  with pytest.raises(ValueError, match=r"lr_mult names \['trunk'\], which are not top-level"):
+    optim.make_optimizer(cfg, 10, {"backbone": jnp.ones(1), "head": jnp.ones(1)})
+
+
+def test_market_protocol_equals_evaluate_rank_and_counts_skipped_queries():
+  """The registry's 'market' protocol on embeddings == evaluate_rank on their euclidean
+  distances; a query whose identity has no cross-camera gallery match is skipped and
+  counted."""
+  rng = np.random.default_rng(0)
+  q = {"a": rng.normal(size=(6, 4)).astype(np.float32)}
+  g = {"a": rng.normal(size=(10, 4)).astype(np.float32)}
+  ql = {"person_id": np.array([1, 2, 3, 4, 5, 9]), "camera_id": np.zeros(6, int)}
+  gl = {"person_id": np.array([1, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        "camera_id": np.array([1, 0, 1, 1, 1, 1, 1, 1, 1, 0])}  # id 9 only in camera 0
+  config = config_lib.base_config()
+  config.dataset.name = "x"
+  res = evaluators.evaluate_embeddings(config, (q, ql, g, gl), step=3)
+  dist = np.sqrt(((q["a"][:, None] - g["a"][None]) ** 2).sum(-1))
+  ref = evaluation.evaluate_rank(dist, ql["person_id"], gl["person_id"], ql["camera_id"],
+                                 gl["camera_id"])
+  assert res["num_queries"] == 6 and res["num_valid_queries"] == ref["num_valid_queries"] == 5
+  np.testing.assert_allclose(res["exits"]["a"]["mAP"], ref["mAP"], rtol=1e-6)
+  np.testing.assert_allclose(res["exits"]["a"]["rank1"], ref["cmc"][0], rtol=1e-6)
+  assert "1 without a cross-camera match" in evaluators.format_table(res)
+  config.eval.protocol = "market,nope"
+  with pytest.raises(ValueError, match=r"unknown \['nope'\]; registered protocols"):
+    evaluators.evaluate_embeddings(config, (q, ql, g, gl), step=3)
+
+
+class _Ones:
+  """An endless iterator of constant batches with the get/set_state checkpoints need."""
+
+  def __init__(self, n: int):
+    self.n, self.pos = n, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.pos += 1
+    return {"x": np.ones(self.n, np.float32)}
+
+  def get_state(self) -> bytes:
+    return str(self.pos).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.pos = int(state)
+
+
+def _toy_fit(tmp_path, lr: float, steps: int, checkpoint_every: int):
+  """fit() on a 1-parameter quadratic with SGD: a minimal, method-free state."""
+  def step_fn(state, batch, rng):
+    loss, g = jax.value_and_grad(lambda p: jnp.sum((p["w"] - batch["x"].mean()) ** 2))(
+        state.params)
+    g = jax.lax.pmean(g, "batch")
+    return state.apply_gradients(grads=g), {"loss": jax.lax.pmean(loss, "batch")}
+
+  tx = optax.sgd(lr)
+  state = state_lib.create(None, {"params": {"w": jnp.zeros(())}}, tx)
+  cfg = loop.FitConfig(steps=steps, log_every=1, checkpoint_every=checkpoint_every)
+  n = jax.local_device_count()
+  it = _Ones(n)
+  return loop.fit(state, step_fn, it, ckpt_dir=str(tmp_path / "ck"), cfg=cfg,
+                  prepare_batch=lambda b, s: b, examples_per_step=n,
+                  writer=MetricWriter(str(tmp_path), steps, enabled=False))
+
+
+def test_fit_stops_on_divergence_and_never_saves_a_nan_state(tmp_path):
+  # Step 1 evaluates the loss before the (NaN) update: finite; step 2 is not.
+  with pytest.raises(loop.TrainingDiverged, match=r"training diverged at step 2: loss not "
+                                                  r"finite \(no checkpoint was saved\)"):
+    _toy_fit(tmp_path, float("nan"), 4, 2)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "ck")).all_steps() == []
+
+
+def test_fit_checkpoint_every_0_saves_only_the_end(tmp_path):
+  final = _toy_fit(tmp_path, 0.1, 3, 0)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "ck")).all_steps() == [3]
+  np.testing.assert_allclose(final.params["w"], 1 - 0.8 ** 3, rtol=1e-6)  # w <- w - 0.2(w-1)
+
+
+def test_fit_config_rejects_bad_steps():
+  c = config_lib.base_config()
+  c.train.steps = -5
+  with pytest.raises(ValueError, match=r"config.train.steps=-5: must be at least 1"):
+    loop.FitConfig.from_config(c)

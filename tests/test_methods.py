@@ -1,0 +1,288 @@
+"""The core's guarantees for every registered method, on tiny synthetic configs:
+8-device pmap = 1 device, kill-and-resume bit-identical (inside and between stages),
+2 processes x 4 devices = 1 x 8, and the training CLI ending with eval_results.json."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import jax_utils
+
+from reid_jax import methods
+from reid_jax.core import checkpoint as ckpt_lib
+from reid_jax.core import loop, parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = sorted(methods.METHODS)
+CLASSIFICATION = ("ide", "pcb", "verif_ident", "apr")
+TINY_FLAGS = ["--config.dataset.builder_config=tiny", "--config.input.height=32",
+              "--config.input.width=16", "--config.input.worker_count=0",
+              "--config.eval.tta=", "--config.model.width=8",
+              "--config.train.eval_every=0", "--config.train.log_every=1",
+              "--config.input.eval_batch_size=32"]
+
+
+def tiny_config(method: str, data_dir: str, steps: int = 6) -> ml_collections.ConfigDict:
+  """configs/<method>.py:synthetic on the tiny synthetic set with a tiny network."""
+  module = importlib.import_module(f"configs.{method}")
+  c = module.get_config("synthetic")
+  c.dataset.builder_config = "tiny"
+  c.dataset.data_dir = data_dir
+  c.input.height, c.input.width = 32, 16
+  c.input.worker_count = 0
+  c.input.eval_batch_size = 32
+  c.model.width = 8
+  c.train.steps = steps
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.eval.tta = ""
+  if method in ("dare", "trinet"):
+    c.input.P, c.input.K = 4, 2
+    c.model.hidden_dim, c.model.embed_dim = 16, 8
+    c.optimizer.decay_start = steps // 2
+  else:
+    c.input.batch_size = 8
+    c.model.bottleneck = 16
+    c.model.reduce_dim = 8
+    c.model.num_parts = 2
+    c.optimizer.decay_steps = (steps // 2,)
+    c.input.neg_ramp_steps = steps
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds"))
+  from reid_jax.data import sources
+  sources.ensure_prepared(tiny_config("ide", d).dataset)
+  return d
+
+
+def _steps(stage: loop.Stage, n_devices: int, batches: list[dict]):
+  """Runs the stage's step on the first n_devices devices over the given host batches."""
+  devices = jax.devices()[:n_devices]
+  state = jax_utils.replicate(stage.init_state(None), devices=devices)
+  step = jax.pmap(stage.step_fn, axis_name=parallel.AXIS, devices=devices)
+  for i, b in enumerate(batches, start=1):
+    keys = jax_utils.replicate(loop.step_key(0, i), devices=devices)
+    state, metrics = step(state, parallel.shard(b, n_devices), keys)
+  return parallel.unreplicate(state), parallel.unreplicate(metrics)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pmap_8_devices_equals_1_device(method, data_dir):
+  """The same two global batches on 8 devices and on 1: equal loss and parameters.
+
+  Tolerance 1e-5 relative + 1e-6 absolute (float32 summation order of the cross-device
+  means). Dropout is set to 0: its masks are drawn per device (each device folds its
+  index into the step key), so with dropout the runs differ by design. Adam runs with
+  eps=1 (updates linear in the gradient, as in test_train).
+  """
+  assert jax.device_count() >= 8, "conftest sets 8 host devices"
+  c = tiny_config(method, data_dir)
+  if method in ("dare", "trinet"):
+    c.optimizer.eps, c.optimizer.lr = 1.0, 1e-2
+  else:
+    c.model.dropout = 0.0
+    c.model.verif_dropout = 0.0
+  stage = methods.get(method).stages(c)[0]
+  it = stage.make_iterator()
+  batches = [stage.prepare_batch(next(it), s) for s in (1, 2)]
+  s8, m8 = _steps(stage, 8, batches)
+  s1, m1 = _steps(stage, 1, batches)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(s1.params))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(s8.params):
+    np.testing.assert_allclose(leaf, flat1[path], rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         s8.batch_stats, s1.batch_stats)
+  assert int(s8.step) == int(s1.step) == 2
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _crash_at(n: int):
+  """A step callback raising at the n-th step of the whole run (all stages counted)."""
+  calls = {"n": 0}
+
+  def callback(step):
+    calls["n"] += 1
+    if calls["n"] == n:
+      raise _Interrupt()
+  return callback
+
+
+RESUME_CASES = [(m, {}, 5) for m in METHODS] + [
+    # PCB + RPP: 6 PCB steps then 4 RPP steps; killed inside the RPP stage, and right
+    # after the PCB stage's last (saved) step, i.e. between the stages.
+    ("pcb", {"rpp": True}, 9), ("pcb", {"rpp": True}, 6)]
+
+
+@pytest.mark.parametrize("method,model_overrides,crash", RESUME_CASES,
+                         ids=[f"{m}{'_rpp' if o else ''}_kill{k}" for m, o, k in RESUME_CASES])
+def test_kill_and_resume_is_bit_identical(method, model_overrides, crash, data_dir, tmp_path):
+  c = tiny_config(method, data_dir)
+  c.model.update(model_overrides)
+  if model_overrides.get("rpp"):
+    c.train.rpp_steps = 4
+  family = methods.get(method)
+  full = str(tmp_path / "full")
+  family.train_and_evaluate(c, full, evaluate_at_end=False)
+  broken = str(tmp_path / "broken")
+  with pytest.raises(_Interrupt):
+    family.train_and_evaluate(c, broken, evaluate_at_end=False, step_callback=_crash_at(crash))
+  family.train_and_evaluate(c, broken, evaluate_at_end=False)  # resumes
+  va, sa = family.load_variables(c, full)
+  vb, sb = family.load_variables(c, broken)
+  assert sa == sb == (4 if model_overrides.get("rpp") else 6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, va, vb)
+  if model_overrides.get("rpp"):  # the finished PCB stage was restored, not retrained
+    pcb_dir = loop.stage_dir(broken, "pcb")
+    assert ckpt_lib.Checkpointer(pcb_dir).latest_step() == 6
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(n_devices: int, cache: bool = True) -> dict:
+  env = dict(os.environ)
+  if not cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def _cli(method: str, data_dir: str, workdir: str, steps: int, extra=()) -> list[str]:
+  cmd = [sys.executable, "-m", "reid_jax.train", f"--config=configs/{method}.py:synthetic",
+         f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
+         f"--config.train.steps={steps}", "--config.train.checkpoint_every=0"] + TINY_FLAGS
+  cmd += ["--config.input.batch_size=8", "--config.model.bottleneck=16",
+          "--config.model.reduce_dim=8", "--config.model.num_parts=2",
+          f"--config.optimizer.decay_steps={steps}"]
+  return cmd + list(extra)
+
+
+def test_two_processes_equal_one_process_ide(data_dir, tmp_path):
+  """IDE, 2 processes x 4 CPU devices (jax.distributed on localhost) == 1 x 8 devices.
+
+  Dropout off (per-device masks would differ with the device layout by design).
+  """
+  extra = ["--noeval_at_end", "--config.model.dropout=0.0"]
+  one = str(tmp_path / "one")
+  r = subprocess.run(_cli("ide", data_dir, one, 3, extra), cwd=REPO, env=_env(8),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = str(tmp_path / "two")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cli("ide", data_dir, two, 3, extra + [f"--coordinator_address=localhost:{port}",
+                                             "--num_processes=2", f"--process_id={i}"]),
+      cwd=REPO, env=_env(4, cache=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+      for i in range(2)]
+  outs = [p.communicate(timeout=900)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(
+      f"--- process {i} (exit {p.returncode}):\n{out[-2000:]}"
+      for i, (p, out) in enumerate(zip(procs, outs)))
+  c = tiny_config("ide", data_dir, steps=3)
+  c.model.bottleneck = 16
+  family = methods.get("ide")
+  va, sa = family.load_variables(c, one)
+  vb, sb = family.load_variables(c, two)
+  assert sa == sb == 3
+  la = [l["train/loss"] for l in map(json.loads, open(os.path.join(one, "metrics.jsonl")))]
+  lb = [l["train/loss"] for l in map(json.loads, open(os.path.join(two, "metrics.jsonl")))]
+  assert len(la) == len(lb) == 3
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         va, vb)
+
+
+EXITS = {"ide": {"ide"}, "pcb": {"pcb", "pcb_g"}, "verif_ident": {"verif_ident"},
+         "apr": {"apr"}}
+
+
+@pytest.mark.parametrize("method", CLASSIFICATION)
+def test_cli_trains_and_writes_results(method, data_dir, tmp_path):
+  """`python -m reid_jax.train --config=configs/<m>.py:synthetic` ends with
+  eval_results.json in the shared format, exits named by the method; only the final
+  checkpoint is saved with checkpoint_every=0."""
+  wd = str(tmp_path / method)
+  r = subprocess.run(_cli(method, data_dir, wd, 2), cwd=REPO, env=_env(1),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.load(open(os.path.join(wd, "eval_results.json")))
+  assert res["step"] == 2 and res["dataset"] == "synthetic_reid/tiny"
+  assert set(res["exits"]) == EXITS[method]
+  for m in res["exits"].values():
+    assert set(m) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+  assert res["num_valid_queries"] <= res["num_queries"] == 16
+  assert os.listdir(os.path.join(wd, "checkpoints")) == ["2"]
+  saved = json.load(open(os.path.join(wd, "config.json")))
+  assert saved["method"] == method and saved["model"]["num_classes"] > 0
+  if method == "apr":
+    assert set(res["attributes"]["per_attribute"]) == set(
+        __import__("reid_jax.data.attributes", fromlist=["x"]).ATTRIBUTES)
+    assert 0.0 <= res["attributes"]["mean"] <= 1.0
+  if method == "ide":
+    # Evaluating this IDE checkpoint with another method's config: one line naming both.
+    r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
+                        "--config=configs/dare.py:synthetic", f"--workdir={wd}"],
+                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "holds a config.method='ide' run but --config is config.method='dare'" in (
+        r.stderr.strip().splitlines()[-1])
+    # ... and with its own config, the same numbers as at the end of training.
+    r = subprocess.run([sys.executable, "-m", "reid_jax.evaluate",
+                        "--config=configs/ide.py:synthetic", f"--workdir={wd}",
+                        f"--config.dataset.data_dir={data_dir}"] + TINY_FLAGS
+                       + ["--config.model.bottleneck=16"],
+                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.load(open(os.path.join(wd, "eval_results.json")))
+    np.testing.assert_allclose(again["exits"]["ide"]["mAP"], res["exits"]["ide"]["mAP"],
+                               atol=1e-9)
+
+
+def test_unknown_method_is_one_line():
+  with pytest.raises(ValueError, match=r"config.method='bogus' is not a registered method; "
+                                       r"choose one of \['apr', 'dare', 'ide', 'pcb', "
+                                       r"'trinet', 'verif_ident'\]"):
+    methods.get("bogus")
+
+
+def test_core_imports_no_method_and_no_cli():
+  """reid_jax/core imports nothing from reid_jax.methods, reid_jax.train or .evaluate."""
+  import ast
+  core = os.path.join(REPO, "reid_jax", "core")
+  for name in os.listdir(core):
+    if not name.endswith(".py"):
+      continue
+    tree = ast.parse(open(os.path.join(core, name)).read())
+    for node in ast.walk(tree):
+      mods = []
+      if isinstance(node, ast.Import):
+        mods = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      for mod in mods:
+        assert not mod.startswith(("reid_jax.methods", "reid_jax.train",
+                                   "reid_jax.evaluate")) or mod.startswith(
+            "reid_jax.evaluation"), f"{name} imports {mod}"
