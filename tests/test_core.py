@@ -196,3 +196,34 @@ def test_fit_config_rejects_bad_steps():
   c.train.steps = -5
   with pytest.raises(ValueError, match=r"config.train.steps=-5: must be at least 1"):
     loop.FitConfig.from_config(c)
+
+
+def test_cuhk_and_video_protocols_by_name():
+  """'cuhk_single_shot' == evaluate_cuhk03 on euclidean distances; 'video' mean-pools
+  frames per tracklet first (== pool_by_tracklet then evaluate_rank)."""
+  rng = np.random.default_rng(3)
+  q = {"e": rng.normal(size=(8, 3)).astype(np.float32)}
+  g = {"e": rng.normal(size=(12, 3)).astype(np.float32)}
+  ql = {"person_id": np.arange(8) % 4 + 1, "camera_id": np.zeros(8, int)}
+  gl = {"person_id": np.arange(12) % 4 + 1, "camera_id": np.ones(12, int)}
+  config = config_lib.base_config()
+  config.dataset.name = "x"
+  config.eval.protocol = "cuhk_single_shot"
+  res = evaluators.evaluate_embeddings(config, (q, ql, g, gl), step=0)
+  dist = np.sqrt(((q["e"][:, None] - g["e"][None]) ** 2).sum(-1))
+  ref = evaluation.evaluate_cuhk03(dist, ql["person_id"], gl["person_id"], ql["camera_id"],
+                                   gl["camera_id"])
+  np.testing.assert_allclose(res["exits"]["e"]["rank1"], ref["cmc"][0], rtol=1e-6)
+  # Video: 2 frames per tracklet.
+  ql["tracklet_id"], gl["tracklet_id"] = np.arange(8) // 2, np.arange(12) // 2
+  ql["person_id"], gl["person_id"] = np.arange(8) // 2 + 1, (np.arange(12) // 2) % 4 + 1
+  config.eval.protocol = "video"
+  res = evaluators.evaluate_embeddings(config, (q, ql, g, gl), step=0)
+  pq, _, qp, qc = evaluation.pool_by_tracklet(q["e"], ql["tracklet_id"], ql["person_id"],
+                                              ql["camera_id"])
+  pg, _, gp, gc = evaluation.pool_by_tracklet(g["e"], gl["tracklet_id"], gl["person_id"],
+                                              gl["camera_id"])
+  d = np.sqrt(((pq[:, None] - pg[None]) ** 2).sum(-1))
+  ref = evaluation.evaluate_rank(d, qp, gp, qc, gc)
+  assert res["num_queries"] == 4
+  np.testing.assert_allclose(res["exits"]["e"]["mAP"], ref["mAP"], rtol=1e-6)

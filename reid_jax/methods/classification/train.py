@@ -12,6 +12,7 @@ set by hand), with SGD and a lower learning rate for the ImageNet backbone
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any, Callable
 
@@ -34,8 +35,6 @@ from reid_jax.pretrained import load_pretrained
 AXIS = parallel.AXIS
 METHODS = tuple(losses.LOSSES)
 SAMPLERS = ("shuffle", "pk", "pairs")
-EXIT = {"ide": ("ide",), "pcb": ("pcb", "pcb_g"), "verif_ident": ("verif_ident",),
-        "apr": ("apr",)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -43,7 +42,7 @@ EXIT = {"ide": ("ide",), "pcb": ("pcb", "pcb_g"), "verif_ident": ("verif_ident",
 
 @functools.lru_cache(maxsize=8)
 def _train_ids(dataset_json: str) -> np.ndarray:
-  cfg = ml_collections.ConfigDict(__import__("json").loads(dataset_json))
+  cfg = ml_collections.ConfigDict(json.loads(dataset_json))
   labels = smp.read_labels(sources.open_split(cfg, cfg.train_split))
   pids = labels["person_id"]
   return np.unique(pids[pids >= 1]).astype(np.int32)
@@ -188,12 +187,8 @@ def create_train_state(variables: dict, config: ml_collections.ConfigDict, class
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, config,
-               loss_fn: Callable, trainable: Callable | None = None
-               ) -> tuple[TrainState, dict]:
-  """One SGD step on this device's slice (inside pmap); dropout keys differ per device.
-
-  `trainable(grads) -> grads` zeroes what a stage freezes (RPP's first phase).
-  """
+               loss_fn: Callable) -> tuple[TrainState, dict]:
+  """One SGD step on this device's slice (inside pmap); dropout keys differ per device."""
   rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
   pairs = "image_a" in batch
   images = jnp.concatenate([batch["image_a"], batch["image_b"]]) if pairs else batch["image"]
@@ -209,8 +204,6 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, config,
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
       compute_loss, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
-  if trainable is not None:
-    grads = trainable(grads)
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
