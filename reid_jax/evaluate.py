@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from reid_jax import methods
 from reid_jax.core import embedding, evaluators, experiment
 from reid_jax.core import writer as writer_lib
+from reid_jax.core.errors import one_line_errors
 
 FLAGS = flags.FLAGS
 BUDGET_MODES = ("anytime", "stream")
@@ -51,6 +52,7 @@ def check_method_matches(config, workdir: str) -> None:
                          "with")
 
 
+@one_line_errors
 def main(argv):
   del argv
   writer_lib.quiet_library_logs()

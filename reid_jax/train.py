@@ -14,6 +14,7 @@ from ml_collections import config_flags
 from reid_jax import methods
 from reid_jax.core import parallel
 from reid_jax.core import writer as writer_lib
+from reid_jax.core.errors import one_line_errors
 
 FLAGS = flags.FLAGS
 
@@ -31,6 +32,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("eval_at_end", True, "Evaluate the final model and write eval_results.json.")
 
 
+@one_line_errors
 def main(argv):
   del argv
   writer_lib.quiet_library_logs()

@@ -286,3 +286,22 @@ def test_core_imports_no_method_and_no_cli():
         assert not mod.startswith(("reid_jax.methods", "reid_jax.train",
                                    "reid_jax.evaluate")) or mod.startswith(
             "reid_jax.evaluation"), f"{name} imports {mod}"
+
+
+def test_bad_settings_are_one_line_errors_before_any_work(tmp_path):
+  """A bad setting ends `train` with one `error:` line naming the field, exit 1, no
+  traceback, and nothing written; an unknown method lists the registered ones."""
+  wd = str(tmp_path / "run")
+  for flag, message in (("--config.eval.tta=bogus",
+                         "error: config.eval.tta='bogus': use none, flip or five_crop"),
+                        ("--config.method=bogus",
+                         "error: config.method='bogus' is not a registered method"),
+                        ("--config.train.steps=-5",
+                         "error: config.train.steps=-5: must be at least 1")):
+    r = subprocess.run([sys.executable, "-m", "reid_jax.train",
+                        "--config=configs/ide.py:synthetic", f"--workdir={wd}", flag],
+                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists(wd)

@@ -8,9 +8,13 @@ when complete, so an interrupted save never replaces a good checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -46,6 +50,45 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def readable(self, step: int) -> bool:
+    """True if checkpoint `step`'s state can be read without a template (its metadata and
+    every array are intact); a damaged folder (truncated file, broken _METADATA) is not."""
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      return True
+    except Exception:  # pylint: disable=broad-except  (tensorstore / JSON / OS errors)
+      return False
+
+  def restore_newest_readable(self, state_template: Any, data_iter: Any | None = None
+                              ) -> tuple[Any, int | None]:
+    """(state, step) of the newest checkpoint that can be restored, walking back past
+    damaged ones; each is moved aside (never deleted) to `<directory>.unreadable/` with
+    one line saying so. (template, None) when there is none. A checkpoint that is intact
+    but does not fit the template (another config) is an error, not skipped."""
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, state_template, data_iter), step
+      except Exception as e:  # pylint: disable=broad-except
+        if self.readable(step):
+          raise ValueError(f"checkpoint {step} in {self.directory} does not match this "
+                           f"config ({type(e).__name__}); use the config it was trained "
+                           "with or a new --workdir") from None
+        moved = self._move_aside(step)
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        print(f"checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: "
+              f"{reason}); moved to {moved}; trying the previous one", file=sys.stderr,
+              flush=True)
+    return state_template, None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step folder out of the manager's view (process 0 only)."""
+    dst = os.path.join(self.directory + ".unreadable", f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dst)
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -111,6 +111,12 @@ def restore_variables(ckpt_dir: str, template: Any, step: int | None = None
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ValueError(f"--checkpoint={step} is not in {ckpt_dir}; available: {steps}")
-  state = ckpt.restore(step, jax.device_get(template))
+  try:
+    state = ckpt.restore(step, jax.device_get(template))
+  except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore errors)
+    what = "is unreadable (damaged)" if not ckpt.readable(step) else (
+        "does not match this config")
+    raise ValueError(f"checkpoint {step} in {ckpt_dir} {what}: {type(e).__name__}; pick "
+                     f"another with --checkpoint (available: {steps})") from None
   ckpt.close()
   return {"params": state.params, "batch_stats": state.batch_stats}, step

@@ -107,9 +107,9 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
   is_main = jax.process_index() == 0
   n_local = jax.local_device_count()
   ckpt = Checkpointer(ckpt_dir, keep=max(cfg.keep_checkpoints, 1))
-  start = ckpt.latest_step() or 0
+  state, start = ckpt.restore_newest_readable(state, train_iter)
+  start = start or 0
   if start:
-    state = ckpt.restore(start, state, train_iter)
     if is_main:
       print(f"Resuming from checkpoint step {start} in {ckpt_dir}", flush=True)
   if start >= cfg.steps:
