@@ -100,11 +100,8 @@ def restore_variables(ckpt_dir: str, template: Any, step: int | None = None
 
   `template` is a host train state of the right structure. Read-only: creates nothing.
   """
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first with "
-                            "`python -m reid_jax.train --config=... --workdir=...`")
-  ckpt = Checkpointer(ckpt_dir, create=False)
-  steps = ckpt.all_steps()
+  ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
+  steps = ckpt.all_steps() if ckpt else []
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first with "
                             "`python -m reid_jax.train --config=... --workdir=...`")
