@@ -19,7 +19,6 @@ import time
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +33,7 @@ def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int,
   c.model.backbone, c.model.dtype = backbone, dtype
   c.input.height, c.input.width = h, w
   n = jax.local_device_count()
-  state = jax_utils.replicate(train.create_train_state(jax.random.key(0), c))
+  state = parallel.replicate(train.create_train_state(jax.random.key(0), c))
   step = jax.pmap(functools.partial(train.train_step, model=train.training_model(c),
                                     config=c),
                   axis_name=parallel.AXIS, donate_argnums=(0,))

@@ -10,3 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # in tests/test_methods.py's resume tests, 2026-12-01). A user's JAX_COMPILATION_CACHE_DIR
 # is dropped for the same reason.
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+# XLA's backend optimisations off: the suite is compile-bound (tiny models, a few steps),
+# and an optimised compile of a small ResNet's train step takes ~10 s on 2 CPU cores.
+# Subprocesses started by tests inherit it. Numerics stay IEEE float32.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

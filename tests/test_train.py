@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import jax_utils
 
 from configs import dare
 from reid_jax.core import checkpoint as ckpt_lib, parallel
@@ -56,7 +55,7 @@ def _run_steps(config, n_devices: int, batches) -> dict:
   model = train.training_model(config)
   step = jax.pmap(functools.partial(train.train_step, model=model, config=config),
                   axis_name=parallel.AXIS, devices=jax.devices()[:n_devices])
-  state = jax_utils.replicate(state, devices=jax.devices()[:n_devices])
+  state = parallel.replicate(state, devices=jax.devices()[:n_devices])
   for b in batches:
     state, metrics = step(state, parallel.shard(b, n_devices))
   return parallel.unreplicate(state), parallel.unreplicate(metrics)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 from reid_jax.core import optim, parallel
 from reid_jax.core.checkpoint import Checkpointer
@@ -117,7 +116,7 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
     return state
 
   p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,) if donate else ())
-  state = jax_utils.replicate(state)
+  state = parallel.replicate(state)
   writer.total = cfg.steps  # progress and ETA of this stage
   writer.start(start)
   pending: list[dict] = []
@@ -125,7 +124,7 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
   last_saved = start or None
   for step in range(start + 1, cfg.steps + 1):
     batch = parallel.shard(prepare_batch(next(train_iter), step), n_local)
-    keys = jax_utils.replicate(step_key(cfg.seed, step))
+    keys = parallel.replicate(step_key(cfg.seed, step))
     state, metrics = p_step(state, batch, keys)
     pending.append(metrics)
     last = step == cfg.steps

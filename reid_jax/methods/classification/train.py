@@ -171,8 +171,8 @@ def init_variables(rng: jax.Array, config: ml_collections.ConfigDict, classes: i
   """Random init (on the host), then the ImageNet backbone if the config names one."""
   model = build_model(config, classes)
   x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": rng, "dropout": rng}, x)
+  variables = state_lib.run_once(functools.partial(model.init, train=False),
+                                 {"params": rng, "dropout": rng}, x)
   if pretrained and config.model.pretrained:
     variables = load_pretrained(variables, config.model.pretrained, config.model.backbone)
   return variables

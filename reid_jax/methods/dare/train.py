@@ -46,7 +46,7 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict) -> Tra
   """Initialises variables (on the host, outside pmap) and the optimiser state."""
   model = eval_model(config)
   x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
+  variables = state_lib.run_once(functools.partial(model.init, train=False), rng, x)
   if config.model.pretrained:
     variables = load_pretrained(variables, config.model.pretrained, config.model.backbone,
                                 truncated=config.model.get("num_stages", 4) < 4)
