@@ -12,7 +12,9 @@ is written as array_record, readable with `tfds.data_source(NAME, split=..., dat
 For each split it prints the number of images, identities and cameras; for datasets where
 person_id 0 marks distractors and -1 junk (Market-1501, MARS) also those counts, with
 identities then counting real people only; for video datasets also tracklets. Data
-errors print one line naming the file and exit with status 1.
+errors print one line naming the file and exit with status 1. An already prepared
+dataset is checked against its metadata instead of being prepared again, and folders
+left by an interrupted prepare (`incomplete.*`, untouched for 10 minutes) are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+import pathlib
+import shutil
 import sys
 import time
 from typing import Sequence
@@ -28,9 +33,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import reid_jax.data  # noqa: F401  (registers the builders)
-from reid_jax.data.common import FILE_FORMAT, ReidBuilder, ReidDataError
+from reid_jax.data.common import FILE_FORMAT, ReidBuilder, ReidDataError, check_prepared
+from reid_jax.data.common import guard_reads
 
 _CHUNK = 4096  # Records read per batch when counting.
+#: An `incomplete.*` folder untouched this long is a dead prepare's (a live one writes on).
+STALE_AFTER_S = 600.0
 
 
 def _reid_builder_names() -> list[str]:
@@ -66,10 +74,67 @@ def load_builder(name: str, config: str | None = None, data_dir: str | None = No
   return tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
 
 
+def _newest_mtime(folder: pathlib.Path) -> float:
+  """The latest modification time of `folder` or anything below it."""
+  newest = folder.stat().st_mtime
+  for root, dirs, files in os.walk(folder):
+    for entry in dirs + files:
+      with contextlib.suppress(OSError):  # A live prepare may rename it meanwhile.
+        newest = max(newest, os.stat(os.path.join(root, entry)).st_mtime)
+  return newest
+
+
+def _tree_bytes(folder: pathlib.Path) -> int:
+  """Total size of the files below `folder`."""
+  total = 0
+  for root, _, files in os.walk(folder):
+    for name in files:
+      with contextlib.suppress(OSError):
+        total += os.stat(os.path.join(root, name)).st_size
+  return total
+
+
+def remove_stale_incomplete(builder: tfds.core.DatasetBuilder,
+                            stale_after_s: float = STALE_AFTER_S) -> list[pathlib.Path]:
+  """Removes the `incomplete.*` folders a killed prepare of `builder` left; returns them.
+
+  tfds writes into `<data_dir>/<name>[/<config>]/incomplete.XXXX_<version>` and renames
+  it when done, so a killed prepare leaves one behind (37 MB for Market-1501). Only
+  folders of this builder untouched for `stale_after_s` go: a concurrent prepare keeps
+  writing into its own. One line per folder removed goes to stderr.
+  """
+  parent = pathlib.Path(os.fspath(builder.data_dir)).parent
+  if not parent.is_dir():
+    return []
+  removed = []
+  for folder in sorted(parent.glob("incomplete.*")):
+    try:
+      if not folder.is_dir() or time.time() - _newest_mtime(folder) < stale_after_s:
+        continue
+      size = _tree_bytes(folder)
+      shutil.rmtree(folder)
+    except OSError as e:
+      print(f"could not remove stale {folder.name}: {e}", file=sys.stderr)
+      continue
+    print(f"removed stale {folder.name} ({size / 1e6:.1f} MB) left by an interrupted prepare",
+          file=sys.stderr)
+    removed.append(folder)
+  return removed
+
+
 def prepare(name: str, manual_dir: str | None = None, data_dir: str | None = None,
             config: str | None = None) -> tfds.core.DatasetBuilder:
-  """Prepares `name` (a no-op if already prepared) and returns its builder."""
+  """Prepares `name` and returns its builder.
+
+  Stale `incomplete.*` folders of earlier, killed prepares are removed first. An already
+  prepared dataset is only checked (`check_prepared`: a damaged one is a one-line
+  `ReidDataError`).
+  """
   builder = load_builder(name, config, data_dir)
+  remove_stale_incomplete(builder)
+  if builder.is_prepared():
+    check_prepared(builder)
+    return builder
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   # tfds prints progress notes on stdout; keep stdout for the statistics and only show
   # the notes (on stderr) when preparing succeeds, so a data error prints one line.
@@ -85,7 +150,7 @@ def split_stats(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, int]
   features = builder.info.features
   skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
           if isinstance(f, tfds.features.Image)}
-  source = builder.as_data_source(split, decoders=skip)
+  source = guard_reads(builder.as_data_source(split, decoders=skip), builder, split)
   cols = [k for k in ("person_id", "camera_id", "tracklet_id") if k in features]
   values = {k: [] for k in cols}
   for start in range(0, len(source), _CHUNK):
@@ -147,6 +212,21 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _end_progress_bars() -> None:
+  """Closes live tqdm bars and ends their line, so what follows starts a line of its own.
+
+  tfds's bars redraw with `\r` and no newline; an error raised while one is live would
+  otherwise be printed on the bar's line. Nothing is written when no bar is live.
+  """
+  tqdm = sys.modules.get("tqdm")
+  bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+  for bar in bars:
+    with contextlib.suppress(Exception):  # A bar of a dead stream must not hide the error.
+      bar.close()
+  if bars:
+    sys.stderr.write("\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()
@@ -154,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     builder = prepare(args.name, args.manual_dir, args.data_dir, args.config)
     stats = {s: split_stats(builder, s) for s in _split_order(list(builder.info.splits))}
   except ReidDataError as e:
+    _end_progress_bars()
     print(f"error: {e}", file=sys.stderr)
     return 1
   config = builder.builder_config.name if builder.builder_config else None

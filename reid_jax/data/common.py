@@ -3,7 +3,9 @@
 Besides the record schema this module holds what the real-dataset builders share:
 `ReidBuilder` (array_record by default, resources closed after preparing),
 `Archive` (an official archive read either as the downloaded zip or as the folder it
-extracts to) and `image_file` (checks an image decodes before it is stored).
+extracts to) and `image_file` (checks an image decodes before it is stored), and what
+readers of a prepared dataset share: `check_prepared` (its shard files match the
+metadata) and `guard_reads` (a damaged record is a one-line error).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import contextlib
 import io
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import zipfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,6 +29,9 @@ FILE_FORMAT = "array_record"
 
 #: Names of non-image files that official archives carry and builders skip.
 _SKIPPED_FILES = frozenset({"thumbs.db"})
+
+#: The message tfds's writer fails with when a split generator yields nothing.
+_EMPTY_SPLIT = re.compile(r'split "(?P<split>[^"]+)": No examples were yielded')
 
 
 class ReidDataError(ValueError):
@@ -126,6 +132,11 @@ class Archive:
       return cls(str(manual_dir), root=manual_dir)
     raise ReidDataError(
         f"Missing {zip_name} (or its extracted folder {top}/) in {manual_dir}: {hint}")
+
+  @property
+  def is_zip(self) -> bool:
+    """True when read from the zip itself, False for an extracted folder."""
+    return self._zip is not None
 
   def where(self, rel: str) -> str:
     """Human-readable location of `rel` for error messages."""
@@ -239,6 +250,11 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       try:
         return super()._download_and_prepare(
             dl_manager=dl_manager, download_config=download_config)
+      except AssertionError as e:
+        error = _empty_split_error(self.name, e, download_config.manual_dir)
+        if error is None:
+          raise
+        raise error from None
       finally:
         self._stack = None
 
@@ -274,3 +290,209 @@ def iter_split_folder(archive: Archive, folder: str) -> Iterator[str]:
   for name in archive.listdir(folder):
     if not is_skipped_file(name):
       yield name
+
+
+def split_images(archive: Archive, folder: str, split: str, suffix: str) -> list[str]:
+  """Names in split folder `folder` (as `iter_split_folder`); no `suffix` file is an error.
+
+  An empty folder (a partly extracted archive, say) would otherwise only fail once the
+  other splits are written, as tfds's bare `AssertionError: No examples were yielded`.
+  """
+  names = list(iter_split_folder(archive, folder))
+  if not any(n.lower().endswith(suffix) for n in names):
+    fix = "download the zip again" if archive.is_zip else "re-extract the archive"
+    raise ReidDataError(f"{archive.where(folder)} holds no {suffix} images; the {split} "
+                        f"split needs the official images ({fix})")
+  return names
+
+
+def _empty_split_error(name: str, error: AssertionError, manual_dir: Any
+                      ) -> ReidDataError | None:
+  """tfds's "No examples were yielded" as a one-line `ReidDataError` (None for others).
+
+  Builders that check their split folders (`split_images`) never get here; this covers
+  the ones whose splits come from index files (MARS, CUHK03).
+  """
+  match = _EMPTY_SPLIT.search(str(error))
+  if match is None:
+    return None
+  where = f"the files in {manual_dir}" if manual_dir else "its inputs"
+  return ReidDataError(f"{name}: the {match['split']} split came out empty: {where} give "
+                       "it no images; check that they are the complete official files")
+
+
+# ------------------------------------------------------------------ prepared datasets
+
+#: (path, mtime_ns, size) -> records in that array_record file (None: unreadable).
+_RECORD_COUNTS: dict[tuple[str, int, int], int | None] = {}
+#: Reader options for footer/index reads only: no read-ahead, no thread pool.
+_INDEX_ONLY = "readahead_buffer_size:0,max_parallelism:0"
+
+
+def full_name(builder: tfds.core.DatasetBuilder) -> str:
+  """'market1501' or 'cuhk03/labeled': the name `python -m reid_jax.prepare` takes."""
+  config = builder.builder_config
+  return f"{builder.name}/{config.name}" if config else builder.name
+
+
+def rebuild_command(builder: tfds.core.DatasetBuilder) -> str:
+  """The `python -m reid_jax.prepare ...` command that writes `builder`'s data again."""
+  manual = " --manual_dir=DIR" if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else ""
+  return (f"python -m reid_jax.prepare {full_name(builder)}{manual} "
+          f"--data_dir={builder.data_dir_root}")
+
+
+def _damaged_where(builder: tfds.core.DatasetBuilder) -> tuple[str, str, str]:
+  """(name, prepared folder, rebuild command) of `builder`, as `damaged_error` names them."""
+  return full_name(builder), os.fspath(builder.data_dir), rebuild_command(builder)
+
+
+def damaged_error(where: tfds.core.DatasetBuilder | tuple[str, str, str], problem: str
+                 ) -> ReidDataError:
+  """One line: which prepared folder is damaged, how (`problem`), and how to rebuild it.
+
+  The folder is never deleted for the user, only named: moving it away keeps their data
+  in case the cause is elsewhere (a full disk, a flaky mount).
+  """
+  name, folder, command = where if isinstance(where, tuple) else _damaged_where(where)
+  return ReidDataError(f"prepared dataset {name} in {folder} is damaged ({problem}); "
+                       f"move that folder away and run `{command}`")
+
+
+def _num_records(path: str, stat: os.stat_result) -> int | None:
+  """Records in array_record file `path`, from its footer and index only (None: unreadable).
+
+  Cached per (path, mtime, size), since every `open_split` of a run checks every shard.
+  """
+  key = (path, stat.st_mtime_ns, stat.st_size)
+  if key not in _RECORD_COUNTS:
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    try:
+      reader = array_record_module.ArrayRecordReader(path, _INDEX_ONLY)
+      try:
+        _RECORD_COUNTS[key] = reader.num_records() if reader.ok() else None
+      finally:
+        reader.close()
+    except (RuntimeError, OSError, ValueError):
+      _RECORD_COUNTS[key] = None
+  return _RECORD_COUNTS[key]
+
+
+def _shard_problem(path: str, expected: int) -> str | None:
+  """What is wrong with one shard file holding `expected` records, or None."""
+  name = os.path.basename(path)
+  try:
+    stat = os.stat(path)
+  except FileNotFoundError:
+    return f"{name}: missing, metadata says {expected:,} records"
+  except OSError as e:
+    return f"{name}: cannot read ({e.strerror}), metadata says {expected:,} records"
+  found = _num_records(path, stat)
+  if found is None:
+    return f"{name}: truncated or corrupt, metadata says {expected:,} records"
+  if found != expected:
+    return f"{name}: {found:,} records, metadata says {expected:,}"
+  return None
+
+
+def check_prepared(builder: tfds.core.DatasetBuilder) -> None:
+  """Raises a one-line `ReidDataError` if a shard file of a prepared builder is damaged.
+
+  Each array_record shard named by the metadata must exist and hold as many records as
+  the metadata says (a truncated copy or an interrupted `rsync` leaves fewer, or an
+  unreadable index). Only footers are read; non-local and non-array_record data pass.
+  """
+  info = builder.info
+  if getattr(info.file_format, "value", info.file_format) != FILE_FORMAT:
+    return
+  for split_info in info.splits.values():
+    paths = [os.fspath(p) for p in split_info.filepaths]
+    lengths = list(split_info.shard_lengths)
+    if len(paths) != len(lengths):
+      continue
+    for path, expected in zip(paths, lengths):
+      if "://" in path:
+        return
+      problem = _shard_problem(path, int(expected))
+      if problem:
+        raise damaged_error(builder, problem)
+
+
+class _GuardedRecords:
+  """A tfds source's raw array_record reader whose Riegeli read errors are one line.
+
+  A shard whose footer is sound can still hold a damaged chunk; array_record then
+  raises `RuntimeError: Corrupted Riegeli/records file ...` from deep in a data loader.
+  Everything else is passed through to the wrapped reader.
+  """
+
+  def __init__(self, raw: Any, shards: list[tuple[str, int]], where: tuple[str, str, str]):
+    self._raw = raw
+    self._shards = shards  # (file name, records read from it), in index order
+    self._where = where  # as `damaged_error` takes it; plain strings, so it pickles
+
+  def __len__(self) -> int:
+    return len(self._raw)
+
+  def __getitem__(self, key: int) -> Any:
+    try:
+      return self._raw[key]
+    except RuntimeError as e:
+      error = self._damaged(e, [key])
+      if error is None:
+        raise
+      raise error from None
+
+  def __getitems__(self, keys: Sequence[int]) -> Sequence[Any]:
+    try:
+      if hasattr(self._raw, "__getitems__"):
+        return self._raw.__getitems__(keys)
+      return [self._raw[k] for k in keys]
+    except RuntimeError as e:
+      error = self._damaged(e, keys)
+      if error is None:
+        raise
+      raise error from None
+
+  def __getattr__(self, name: str) -> Any:
+    raw = self.__dict__.get("_raw")
+    if raw is None or name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(raw, name)
+
+  def _shard_of(self, key: int) -> str | None:
+    """Name of the shard file holding record `key` of this source (None if unknown)."""
+    for name, count in self._shards:
+      if 0 <= key < count:
+        return name
+      key -= count
+    return None
+
+  def _damaged(self, error: RuntimeError, keys: Sequence[int]) -> ReidDataError | None:
+    """The one-line error for a Riegeli read failure (None for other runtime errors)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    if "riegeli" not in text.lower():
+      return None
+    names = {self._shard_of(int(k)) for k in keys}
+    where = names.pop() if len(names) == 1 and None not in names else "a shard file"
+    if len(keys) == 1:
+      where = f"{where}, record {int(keys[0]):,}"
+    return damaged_error(self._where, f"{where}: {text}")
+
+
+def guard_reads(source: Any, builder: tfds.core.DatasetBuilder, split: str) -> Any:
+  """`source` (from `tfds.data_source`) with damaged-record errors turned into one line.
+
+  The raw reader is wrapped in place, so code that reads `source.data_source` directly
+  (reid_jax.data.pipeline, samplers) gets the same one-line error.
+  """
+  raw = getattr(source, "data_source", None)
+  if raw is None or isinstance(raw, _GuardedRecords):
+    return source
+  try:
+    shards = [(os.path.basename(os.fspath(f.filename)), int(f.take))
+              for f in builder.info.splits[split].file_instructions]
+  except (KeyError, ValueError, TypeError, AttributeError):
+    shards = []
+  source.data_source = _GuardedRecords(raw, shards, _damaged_where(builder))
+  return source

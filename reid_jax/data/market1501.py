@@ -15,7 +15,7 @@ import re
 import tensorflow_datasets as tfds
 
 from reid_jax.data.common import Archive, ReidBuilder, ReidDataError, image_file
-from reid_jax.data.common import iter_split_folder, reid_features
+from reid_jax.data.common import reid_features, split_images
 
 _SPLIT_FOLDERS = {
     "train": "bounding_box_train",
@@ -54,12 +54,14 @@ class _BoundingBoxBuilder(ReidBuilder, skip_registration=True):
     archive = Archive.open(manual_dir, self.ZIP_NAME, self.TOP_FOLDER, self.SOURCE_HINT,
                            self.resources)
     folders = {split: f"{self.TOP_FOLDER}/{folder}" for split, folder in _SPLIT_FOLDERS.items()}
-    for folder in folders.values():  # Check the layout before writing anything.
-      archive.listdir(folder)
-    return {split: self._generate_examples(archive, folder) for split, folder in folders.items()}
+    # Check the layout (every folder there, none empty) before writing anything.
+    names = {split: split_images(archive, folder, split, ".jpg")
+             for split, folder in folders.items()}
+    return {split: self._generate_examples(archive, folder, names[split])
+            for split, folder in folders.items()}
 
-  def _generate_examples(self, archive: Archive, folder: str):
-    for name in iter_split_folder(archive, folder):
+  def _generate_examples(self, archive: Archive, folder: str, names: list[str]):
+    for name in names:
       rel = f"{folder}/{name}"
       match = self.NAME_PATTERN.fullmatch(name)
       if match is None:

@@ -327,8 +327,9 @@ class PKSampler(BatchSampler):
     self._groups = _Groups(person_ids, None, min_person_id)
     n_ids = len(self._groups.ids)
     if n_ids < self.P:
-      raise ValueError(f"PK sampling needs at least P={self.P} identities with id >= "
-                       f"{min_person_id}, found {n_ids}.")
+      raise ValueError(f"config.input.P={self.P}: PK sampling needs at least P identities "
+                       f"with id >= {min_person_id} in the training split, which has "
+                       f"{n_ids}; lower --config.input.P")
     self.num_identities = n_ids
     self.batches_per_epoch = n_ids // self.P
     self._order = _EpochOrder(np.arange(n_ids), self.seed, _PK_EPOCH)

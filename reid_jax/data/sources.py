@@ -1,4 +1,8 @@
-"""Opens the tfds data sources a config names, preparing them first when that is possible."""
+"""Opens the tfds data sources a config names, preparing them first when that is possible.
+
+A prepared dataset is checked on open (its shard files against the metadata, footers
+only), and its sources turn a damaged record into a one-line `ReidDataError`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 import reid_jax.data  # noqa: F401  (registers the builders)
-from reid_jax.data.common import ReidDataError
+from reid_jax.data.common import ReidDataError, check_prepared, guard_reads
 
 # Datasets that need no download: prepared on first use.
 _SELF_CONTAINED = ("synthetic_reid",)
@@ -29,7 +33,9 @@ def full_name(cfg: ml_collections.ConfigDict) -> str:
 def ensure_prepared(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the builder, preparing it if it is self-contained or a manual_dir is set.
 
-  In multi-host runs process 0 prepares and the others wait for it.
+  In multi-host runs process 0 prepares and the others wait for it. An already prepared
+  dataset whose shard files do not match its metadata (missing, truncated) is a one-line
+  `ReidDataError` naming the file and the command that rebuilds it; nothing is deleted.
   """
   name = full_name(cfg)
   try:
@@ -38,6 +44,7 @@ def ensure_prepared(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     raise ReidDataError(f"config.dataset.name={name!r} is not a reid_jax dataset: "
                         f"{str(e).splitlines()[0]}") from None
   if builder.is_prepared():
+    check_prepared(builder)
     return builder
   if cfg.name not in _SELF_CONTAINED and not cfg.manual_dir:
     raise ReidDataError(
@@ -55,6 +62,7 @@ def ensure_prepared(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def open_split(cfg: ml_collections.ConfigDict, split: str):
-  """A random-access tfds data source of one split."""
-  ensure_prepared(cfg)
-  return tfds.data_source(full_name(cfg), split=split, data_dir=data_dir(cfg))
+  """A random-access tfds data source of one split (damaged records: `ReidDataError`)."""
+  builder = ensure_prepared(cfg)
+  source = tfds.data_source(full_name(cfg), split=split, data_dir=data_dir(cfg))
+  return guard_reads(source, builder, split)
