@@ -101,6 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 5_000        # 0 = only at the end
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3
+  # A non-finite loss or update: "stop" ends the run with one line (nothing non-finite is
+  # ever applied or saved); "skip" drops that update and goes on, failing once more than
+  # nan_skip_limit updates were dropped in one run.
+  c.train.nan_policy = "stop"
+  c.train.nan_skip_limit = 10
 
   c.eval = ml_collections.ConfigDict()
   c.eval.max_rank = 50

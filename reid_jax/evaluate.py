@@ -1,7 +1,8 @@
 """Evaluates a checkpoint: `python -m reid_jax.evaluate --config=... --workdir=DIR`.
 
 Embeds query and gallery with the method's embedder (`config.method`), ranks the
-gallery per query with the config's protocol(s) and writes `DIR/eval_results.json`:
+gallery per query with the config's protocol(s) and writes `DIR/evaluate_results.json`
+(or `--output`; training's own `DIR/eval_results.json` is never touched):
   {"step": int, "dataset": str, "exits": {"stage1": {"rank1", "rank5", "rank10",
    "mAP", "mINP"}, ..., "fused": {...}}, "num_queries", "num_valid_queries", ...}
 with metrics as fractions in [0, 1], and prints the same as a table. DaRe models
@@ -22,6 +23,7 @@ from reid_jax.core.errors import one_line_errors
 
 FLAGS = flags.FLAGS
 BUDGET_MODES = ("anytime", "stream")
+RESULTS_NAME = "evaluate_results.json"
 
 
 def define_flags() -> None:
@@ -30,6 +32,8 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: newest).")
+  flags.DEFINE_string("output", None, "Results file (default: WORKDIR/evaluate_results.json; "
+                      "training's WORKDIR/eval_results.json is never overwritten).")
   flags.DEFINE_bool("rerank", None, "k-reciprocal re-ranking (Zhong et al. 2017); "
                     "default: the config's eval.rerank.")
   flags.DEFINE_enum("tta", None, ["", "none", "flip", "five_crop"],
@@ -73,6 +77,14 @@ def main(argv):
   if FLAGS.budget and config.method not in ("dare", "trinet"):
     raise app.UsageError(f"--budget needs a multi-exit DaRe model; config.method is "
                          f"{config.method!r}")
+  output = os.path.abspath(FLAGS.output or os.path.join(FLAGS.workdir, RESULTS_NAME))
+  if os.path.basename(output) == evaluators.TRAIN_RESULTS_NAME and (
+      os.path.dirname(output) == os.path.abspath(FLAGS.workdir)):
+    raise app.UsageError(f"--output={FLAGS.output}: that is training's results file; "
+                         "name another")
+  if not os.path.isdir(os.path.dirname(output)):
+    raise app.UsageError(f"--output={FLAGS.output}: folder {os.path.dirname(output)} does "
+                         "not exist")
   anytime = None
   if FLAGS.budget:
     from reid_jax.methods.dare import anytime  # DaRe §4 only
@@ -93,7 +105,7 @@ def main(argv):
       results["budget"][mode] = anytime.budget_curves(config, embedded, mode, FLAGS.workdir,
                                                       ensemble, costs, tta)
       print(f"wrote {results['budget'][mode]['plot']}")
-  path = evaluators.write_results(results, os.path.abspath(FLAGS.workdir))
+  path = evaluators.write_results(results, *os.path.split(output))
   print(evaluators.format_table(results))
   print(f"wrote {path}")
 

@@ -142,15 +142,15 @@ def test_market_protocol_equals_evaluate_rank_and_counts_skipped_queries():
 class _Ones:
   """An endless iterator of constant batches with the get/set_state checkpoints need."""
 
-  def __init__(self, n: int):
-    self.n, self.pos = n, 0
+  def __init__(self, n: int, nan_at: tuple[int, ...] = ()):
+    self.n, self.pos, self.nan_at = n, 0, nan_at
 
   def __iter__(self):
     return self
 
   def __next__(self):
     self.pos += 1
-    return {"x": np.ones(self.n, np.float32)}
+    return {"x": np.full(self.n, np.nan if self.pos in self.nan_at else 1.0, np.float32)}
 
   def get_state(self) -> bytes:
     return str(self.pos).encode()
@@ -162,8 +162,9 @@ class _Ones:
     pass
 
 
-def _toy_fit(tmp_path, lr: float, steps: int, checkpoint_every: int):
-  """fit() on a 1-parameter quadratic with SGD: a minimal, method-free state."""
+def _toy_fit(tmp_path, lr: float, steps: int, checkpoint_every: int, nan_at=(), **cfg_kw):
+  """fit() on a 1-parameter quadratic with SGD: a minimal, method-free state. The data
+  is all ones, NaN at the steps in `nan_at` (the injected fault)."""
   def step_fn(state, batch, rng):
     loss, g = jax.value_and_grad(lambda p: jnp.sum((p["w"] - batch["x"].mean()) ** 2))(
         state.params)
@@ -172,26 +173,152 @@ def _toy_fit(tmp_path, lr: float, steps: int, checkpoint_every: int):
 
   tx = optax.sgd(lr)
   state = state_lib.create(None, {"params": {"w": jnp.zeros(())}}, tx)
-  cfg = loop.FitConfig(steps=steps, log_every=1, checkpoint_every=checkpoint_every)
+  cfg = loop.FitConfig(steps=steps, log_every=cfg_kw.pop("log_every", 1),
+                       checkpoint_every=checkpoint_every, **cfg_kw)
   n = jax.local_device_count()
-  it = _Ones(n)
+  it = _Ones(n, nan_at)
   return loop.fit(state, step_fn, it, ckpt_dir=str(tmp_path / "ck"), cfg=cfg,
                   prepare_batch=lambda b, s: b, examples_per_step=n,
                   writer=MetricWriter(str(tmp_path), steps, enabled=False))
 
 
+def _w(step: int, skipped: int = 0) -> float:
+  """The toy's parameter after `step` steps of w <- w - 0.2 (w - 1) from 0, `skipped`
+  of them dropped: 1 - 0.8 ** (applied steps)."""
+  return 1 - 0.8 ** (step - skipped)
+
+
 def test_fit_stops_on_divergence_and_never_saves_a_nan_state(tmp_path):
-  # Step 1 evaluates the loss before the (NaN) update: finite; step 2 is not.
-  with pytest.raises(loop.TrainingDiverged, match=r"training diverged at step 2: loss not "
-                                                  r"finite \(no checkpoint was saved\)"):
+  # lr = NaN: the loss of step 1 is finite (computed before the update), its update is
+  # not; it is never applied and nothing is saved.
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"^training diverged at step 1: the update \(parameters, or a "
+                           r"loss on another device\) not finite \(the update was not "
+                           r"applied and nothing non-finite was saved; no checkpoint was "
+                           r"saved\); lower the learning rate and re-run, or set "
+                           r"--config.train.nan_policy=skip$"):
     _toy_fit(tmp_path, float("nan"), 4, 2)
   assert ckpt_lib.Checkpointer(str(tmp_path / "ck")).all_steps() == []
+
+
+def test_nan_at_a_step_stops_keeps_good_checkpoints_and_resumes(tmp_path):
+  """NaN data at step 7 of 10 (checkpoints every 2, keep 2): the run stops naming step 7,
+  the loss and the last good checkpoint (6); the checkpoints left are 4 and 6, finite;
+  a re-run on sane data resumes from 6 and ends where an uninterrupted run does."""
+  ck = str(tmp_path / "ck")
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"^training diverged at step 7: loss not finite .*the last good "
+                           r"checkpoint is step 6 in .*ck\)"):
+    _toy_fit(tmp_path, 0.1, 10, 2, nan_at=(7,), keep_checkpoints=2, log_every=3)
+  ckpt = ckpt_lib.Checkpointer(ck)
+  assert ckpt.all_steps() == [4, 6]
+  template = state_lib.create(None, {"params": {"w": jnp.zeros(())}}, optax.sgd(0.1))
+  for step in (4, 6):
+    np.testing.assert_allclose(ckpt.restore(step, template).params["w"], _w(step),
+                               rtol=1e-6)
+  ckpt.close()
+  final = _toy_fit(tmp_path, 0.1, 10, 2, keep_checkpoints=2)
+  np.testing.assert_allclose(final.params["w"], _w(10), rtol=1e-6)
+  assert int(final.step) == 10
+
+
+def test_nan_policy_skip_drops_updates_up_to_the_limit(tmp_path):
+  """nan_policy=skip: NaN data at steps 3 and 5 -> those two updates are dropped (w as
+  after 6 of 8 steps), the log says 2 skipped; with nan_skip_limit=1 the second skip
+  ends the run."""
+  final = _toy_fit(tmp_path / "a", 0.1, 8, 4, nan_at=(3, 5), nan_policy="skip")
+  np.testing.assert_allclose(final.params["w"], _w(8, skipped=2), rtol=1e-6)
+  assert np.isfinite(final.params["w"])
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"^training diverged: 2 non-finite updates skipped by step 5, "
+                           r"more than config.train.nan_skip_limit=1 \(the last good "
+                           r"checkpoint is step 4 in "):
+    _toy_fit(tmp_path / "b", 0.1, 8, 4, nan_at=(3, 5), nan_policy="skip", nan_skip_limit=1)
+  c = config_lib.base_config()
+  c.train.nan_policy = "ignore"
+  with pytest.raises(ValueError, match=r"config.train.nan_policy='ignore': use 'stop'"):
+    loop.FitConfig.from_config(c)
+
+
+def test_finite_guard_leaves_finite_steps_bit_identical():
+  """The guard's select is exact: a finite step's state equals the unguarded step's."""
+  def step_fn(state, batch, rng):
+    g = jax.grad(lambda p: jnp.sum((p["w"] - batch["x"]) ** 2))(state.params)
+    return state.apply_gradients(grads=g), {"loss": jnp.sum(batch["x"])}
+  state = state_lib.create(None, {"params": {"w": jnp.linspace(0.0, 1.0, 5)}},
+                           optax.adam(0.3))
+  batch = {"x": jnp.linspace(-2.0, 3.0, 5)[None]}
+  f = jax.pmap(step_fn, axis_name="batch")
+  g = jax.pmap(loop.finite_guard(step_fn), axis_name="batch")
+  rep = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], state)
+  a, b = f(rep, batch, jnp.zeros((1, 2), jnp.uint32)), g(rep, batch, jnp.zeros((1, 2),
+                                                                            jnp.uint32))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a[0], b[0])
+  assert float(b[1]["nonfinite"][0]) == 0.0
+
+
+def test_old_checkpoints_rotate_out_only_after_the_new_one_reads_back(tmp_path, monkeypatch,
+                                                                      capfd):
+  """keep=2: a new checkpoint that cannot be read back is moved aside and costs no older
+  one; the next good save rotates the oldest out."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=2)
+  state = state_lib.create(None, {"params": {"w": jnp.zeros(())}}, optax.sgd(0.1))
+  for step in (2, 4):
+    assert ck.save(step, state, None)
+  real = ckpt_lib.Checkpointer.readable
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "readable",
+                      lambda self, step: step != 6 and real(self, step))
+  assert not ck.save(6, state, None)
+  assert ck.all_steps() == [2, 4]
+  assert "checkpoint 6 in" in capfd.readouterr().err
+  assert os.listdir(str(tmp_path / "ck") + ".unreadable")[0].startswith("6-")
+  assert ck.save(8, state, None)
+  assert ck.all_steps() == [4, 8]
+  ck.close()
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import orbax.checkpoint as ocp
+import test_core
+real = ocp.CheckpointManager.save
+def save(self, step, *a, **k):
+  out = real(self, step, *a, **k)
+  if step == 4:  # the write of checkpoint 4 may be in flight (orbax saves asynchronously)
+    os.kill(os.getpid(), signal.SIGKILL)
+  return out
+ocp.CheckpointManager.save = save
+import pathlib
+test_core._toy_fit(pathlib.Path({wd!r}), 0.1, 6, 2)
+"""
+
+
+def test_kill_9_during_a_save_resumes_from_a_complete_checkpoint(tmp_path):
+  """A process SIGKILLed inside the save of checkpoint 4: the next run resumes from a
+  complete checkpoint (2, or 4 if its write had finished) and ends as an uninterrupted
+  run does."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  script = _KILLED_SAVE.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                               wd=str(tmp_path))
+  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == -9, r.stderr[-2000:]
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  assert set(ck.all_steps()) in ({2}, {2, 4})
+  ck.close()
+  final = _toy_fit(tmp_path, 0.1, 6, 2)
+  np.testing.assert_allclose(final.params["w"], _w(6), rtol=1e-6)
+  assert int(final.step) == 6
 
 
 def test_fit_checkpoint_every_0_saves_only_the_end(tmp_path):
   final = _toy_fit(tmp_path, 0.1, 3, 0)
   assert ckpt_lib.Checkpointer(str(tmp_path / "ck")).all_steps() == [3]
-  np.testing.assert_allclose(final.params["w"], 1 - 0.8 ** 3, rtol=1e-6)  # w <- w - 0.2(w-1)
+  np.testing.assert_allclose(final.params["w"], _w(3), rtol=1e-6)
 
 
 def test_fit_config_rejects_bad_steps():

@@ -274,9 +274,11 @@ def test_cli_trains_and_writes_results(method, data_dir, tmp_path):
                        + ["--config.model.bottleneck=16"],
                        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    again = json.load(open(os.path.join(wd, "eval_results.json")))
+    # evaluate writes its own file; training's is left as it was.
+    again = json.load(open(os.path.join(wd, "evaluate_results.json")))
     np.testing.assert_allclose(again["exits"]["ide"]["mAP"], res["exits"]["ide"]["mAP"],
                                atol=1e-9)
+    assert json.load(open(os.path.join(wd, "eval_results.json"))) == res
 
 
 def test_unknown_method_is_one_line():
@@ -315,7 +317,9 @@ def test_bad_settings_are_one_line_errors_before_any_work(tmp_path):
                         ("--config.method=bogus",
                          "error: config.method='bogus' is not a registered method"),
                         ("--config.train.steps=-5",
-                         "error: config.train.steps=-5: must be at least 1")):
+                         "error: config.train.steps=-5: must be at least 1"),
+                        ("--config.train.nan_policy=bogus",
+                         "error: config.train.nan_policy='bogus': use 'stop'")):
     r = subprocess.run([sys.executable, "-m", "reid_jax.train",
                         "--config=configs/ide.py:synthetic", f"--workdir={wd}", flag],
                        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
@@ -323,3 +327,18 @@ def test_bad_settings_are_one_line_errors_before_any_work(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not os.path.exists(wd)
+
+
+def test_too_few_identities_is_one_line_and_leaves_the_workdir_reusable(data_dir, tmp_path):
+  """P larger than the training split's identities: one line naming config.input.P,
+  raised before any model is built; no checkpoint, so a corrected config is accepted."""
+  from reid_jax.core import experiment
+  c = tiny_config("dare", data_dir)
+  c.input.P = 500
+  wd = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"^config.input.P=500: PK sampling needs at least P "
+                                       r"identities with id >= 1 in the training split, "
+                                       r"which has \d+; lower --config.input.P$"):
+    methods.get("dare").train_and_evaluate(c, wd, evaluate_at_end=False)
+  assert ckpt_lib.Checkpointer(loop.stage_dir(wd)).all_steps() == []
+  experiment.check_workdir_config(tiny_config("dare", data_dir), wd)  # accepted

@@ -95,7 +95,8 @@ def test_pk_deterministic_random_access():
 
 
 def test_pk_needs_p_identities():
-  with pytest.raises(ValueError, match="at least P=4"):
+  with pytest.raises(ValueError, match=r"config.input.P=4: PK sampling needs at least P "
+                                       r"identities .* which has 2; lower --config.input.P"):
     smp.PKSampler(np.array([1, 1, 2, 2, 0]), P=4, K=2, seed=0)
 
 

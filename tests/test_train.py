@@ -256,7 +256,8 @@ def test_cli_train_then_evaluate_writes_results(data_dir, tmp_path):
                      + _train_cmd(data_dir, wd)[5:16],
                      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  res2 = json.load(open(os.path.join(wd, "eval_results.json")))
+  assert not os.path.exists(os.path.join(wd, "eval_results.json"))  # training's, removed
+  res2 = json.load(open(os.path.join(wd, "evaluate_results.json")))
   assert res2["tta"] == "flip" and set(res2["exits"]) == set(res["exits"])
   assert "fused" in r.stdout
   # Anytime curve: one point per exit, costs increasing, from the model's own MACs.

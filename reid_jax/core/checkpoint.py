@@ -21,14 +21,17 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Keeps the newest `keep` checkpoints under `directory` (the caller picks the steps).
 
-  `create=False` (read-only use, e.g. evaluation) never creates the directory.
+  An older checkpoint is deleted only after a newer one was saved and read back intact,
+  so a failed or damaged save never costs a good checkpoint. `create=False` (read-only
+  use, e.g. evaluation) never creates the directory.
   """
 
   def __init__(self, directory: str, keep: int = 3, create: bool = True):
     self.directory = os.path.abspath(directory)
+    self.keep = keep
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=create),
         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -38,10 +41,25 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_iter: Any | None) -> bool:
+    """Saves, waits for the write, reads it back, then rotates the oldest out.
+
+    Returns False (one line on stderr; the older checkpoints all kept) when the new
+    checkpoint cannot be read back; it is then moved aside, like a damaged one.
+    """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+    if not self.readable(step):
+      moved = self._move_aside(step)
+      print(f"checkpoint {step} in {self.directory} could not be read back after saving; "
+            f"moved to {moved}; the older checkpoints are kept", file=sys.stderr,
+            flush=True)
+      return False
+    for old in self.all_steps()[:-self.keep]:
+      self.manager.delete(old)
+    return True
 
   def restore(self, step: int, state_template: Any, data_iter: Any | None = None) -> Any:
     """Restores the state (shaped like `state_template`) and, if given, the iterator."""

@@ -94,7 +94,10 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def write_results(results: dict, workdir: str, name: str = "eval_results.json") -> str:
+TRAIN_RESULTS_NAME = "eval_results.json"  # training's; `evaluate` writes its own file
+
+
+def write_results(results: dict, workdir: str, name: str = TRAIN_RESULTS_NAME) -> str:
   """Writes results atomically (a temporary file renamed over the old one)."""
   path = os.path.join(workdir, name)
   tmp = path + ".tmp"

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from reid_jax.core import optim, parallel
@@ -35,6 +36,9 @@ class TrainingDiverged(RuntimeError):
   """A loss or gradient norm became NaN or infinite; no such state is ever saved."""
 
 
+NAN_POLICIES = ("stop", "skip")
+
+
 @dataclasses.dataclass
 class FitConfig:
   """What `fit` needs of `config.train` (and the seed)."""
@@ -44,6 +48,8 @@ class FitConfig:
   eval_every: int = 0          # 0 = only at the end (done by the method)
   checkpoint_every: int = 1000  # 0 = only at the end
   keep_checkpoints: int = 3
+  nan_policy: str = "stop"     # or "skip": drop non-finite updates, up to nan_skip_limit
+  nan_skip_limit: int = 10
 
   @classmethod
   def from_config(cls, config, steps: int | None = None) -> "FitConfig":
@@ -55,10 +61,18 @@ class FitConfig:
       if int(t[field]) < (1 if field in ("log_every", "keep_checkpoints") else 0):
         raise ValueError(f"config.train.{field}={t[field]}: must be "
                          f"{'positive' if field in ('log_every', 'keep_checkpoints') else '>= 0'}")
+    policy = t.get("nan_policy", "stop")
+    if policy not in NAN_POLICIES:
+      raise ValueError(f"config.train.nan_policy={policy!r}: use 'stop' (end the run at a "
+                       "non-finite loss) or 'skip' (drop that update)")
+    limit = int(t.get("nan_skip_limit", 10))
+    if limit < 0:
+      raise ValueError(f"config.train.nan_skip_limit={limit}: must be >= 0")
     return cls(steps=steps, seed=int(config.seed),
                log_every=int(t.log_every), eval_every=int(t.eval_every),
                checkpoint_every=int(t.checkpoint_every),
-               keep_checkpoints=int(t.keep_checkpoints))
+               keep_checkpoints=int(t.keep_checkpoints), nan_policy=policy,
+               nan_skip_limit=limit)
 
 
 def stage_dir(workdir: str, stage: str | None = None) -> str:
@@ -74,19 +88,60 @@ def step_key(seed: int, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 
-def _check_finite(step: int, scalars: dict[str, float], last_good: int | None,
-                  ckpt_dir: str) -> None:
-  bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
-  if bad:
-    where = (f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good
-             else "no checkpoint was saved")
-    raise TrainingDiverged(f"training diverged at step {step}: {', '.join(bad)} not finite "
-                           f"({where}); lower the learning rate and re-run")
+def finite_guard(step_fn: StepFn) -> StepFn:
+  """`step_fn` that keeps the old state when the update is not finite.
+
+  A step whose loss metrics or new parameters hold a NaN or inf (on any device) returns
+  its input state unchanged, so a non-finite state never exists to be saved; its
+  metrics gain `nonfinite` (1.0 for such a step). Finite steps are untouched, bit for bit.
+  """
+  def step(state, batch, rng):
+    new, metrics = step_fn(state, batch, rng)
+    leaves = [x for x in jax.tree_util.tree_leaves((new.params, metrics))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    ok = jax.lax.pmin(ok.astype(jnp.int32), parallel.AXIS) > 0  # every device agrees
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+    return new, dict(metrics, nonfinite=1.0 - ok.astype(jnp.float32))
+  return step
 
 
-def _mean_scalars(pending: list[dict]) -> dict[str, float]:
-  host = [parallel.unreplicate(m) for m in pending]
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+def _last_good(last_good: int | None, ckpt_dir: str) -> str:
+  return (f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good
+          else "no checkpoint was saved")
+
+
+def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  return [(step, {k: float(np.mean(v)) for k, v in parallel.unreplicate(m).items()})
+          for step, m in pending]
+
+
+def _summarise(host: list[tuple[int, dict]], cfg: FitConfig, skipped_before: int,
+               last_good: int | None, ckpt_dir: str) -> tuple[dict[str, float], int]:
+  """(mean metrics of the finite steps, skipped-step total); raises TrainingDiverged
+  at a non-finite step under nan_policy='stop', or past the skip limit under 'skip'."""
+  bad = [(step, m) for step, m in host if m["nonfinite"]]
+  if bad and cfg.nan_policy == "stop":
+    step, m = bad[0]
+    names = sorted(k for k, v in m.items() if not np.isfinite(v)) or [
+        "the update (parameters, or a loss on another device)"]
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {', '.join(names)} not finite (the update was "
+        f"not applied and nothing non-finite was saved; {_last_good(last_good, ckpt_dir)}); "
+        "lower the learning rate and re-run, or set --config.train.nan_policy=skip")
+  skipped = skipped_before + len(bad)
+  if skipped > cfg.nan_skip_limit:
+    raise TrainingDiverged(
+        f"training diverged: {skipped} non-finite updates skipped by step {bad[-1][0]}, "
+        f"more than config.train.nan_skip_limit={cfg.nan_skip_limit} "
+        f"({_last_good(last_good, ckpt_dir)}); lower the learning rate and re-run")
+  good = [m for _, m in host if not m["nonfinite"]]
+  keys = [k for k in host[0][1] if k != "nonfinite"]
+  scalars = {k: float(np.mean([m[k] for m in good])) if good else float("nan")
+             for k in keys}
+  if cfg.nan_policy == "skip":
+    scalars["skipped_steps"] = float(skipped)
+  return scalars, skipped
 
 
 def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
@@ -115,23 +170,25 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
     ckpt.close()
     return state
 
-  p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,) if donate else ())
+  p_step = jax.pmap(finite_guard(step_fn), axis_name=parallel.AXIS,
+                    donate_argnums=(0,) if donate else ())
   state = parallel.replicate(state)
   writer.total = cfg.steps  # progress and ETA of this stage
   writer.start(start)
-  pending: list[dict] = []
+  pending: list[tuple[int, dict]] = []
   t_last, s_last = time.time(), start
   last_saved = start or None
+  skipped = 0
   for step in range(start + 1, cfg.steps + 1):
     batch = parallel.shard(prepare_batch(next(train_iter), step), n_local)
     keys = parallel.replicate(step_key(cfg.seed, step))
     state, metrics = p_step(state, batch, keys)
-    pending.append(metrics)
+    pending.append((step, metrics))
     last = step == cfg.steps
     save = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
     if pending and (save or step % cfg.log_every == 0 or last):
-      scalars = _mean_scalars(pending)
-      _check_finite(step, scalars, last_saved, ckpt_dir)
+      scalars, skipped = _summarise(_host_metrics(pending), cfg, skipped, last_saved,
+                                    ckpt_dir)
       scalars.update(optim.current_learning_rates(parallel.unreplicate(state.opt_state)))
       now = time.time()
       ips = (step - s_last) * examples_per_step / max(now - t_last, 1e-9)
@@ -175,11 +232,12 @@ def run_stages(stages: list[Stage], workdir: str, writer: MetricWriter, *,
   so a re-run after a kill anywhere (inside or between stages) continues exactly."""
   state = None
   for stage in stages:
+    train_iter = stage.make_iterator()  # data errors (e.g. too few identities) come first
     template = stage.init_state(state)
     periodic = None
     if evaluate_fn is not None:
       periodic = lambda host, step, stage=stage: evaluate_fn(stage, host, step)
-    state = fit(template, stage.step_fn, stage.make_iterator(),
+    state = fit(template, stage.step_fn, train_iter,
                 ckpt_dir=stage_dir(workdir, stage.name or None), cfg=stage.fit_cfg,
                 prepare_batch=stage.prepare_batch,
                 examples_per_step=stage.examples_per_step, writer=writer,
