@@ -78,11 +78,11 @@ def main(argv):
     raise app.UsageError(f"--budget needs a multi-exit DaRe model; config.method is "
                          f"{config.method!r}")
   output = os.path.abspath(FLAGS.output or os.path.join(FLAGS.workdir, RESULTS_NAME))
-  if os.path.basename(output) == evaluators.TRAIN_RESULTS_NAME and (
+  if FLAGS.output and os.path.basename(output) == evaluators.TRAIN_RESULTS_NAME and (
       os.path.dirname(output) == os.path.abspath(FLAGS.workdir)):
     raise app.UsageError(f"--output={FLAGS.output}: that is training's results file; "
                          "name another")
-  if not os.path.isdir(os.path.dirname(output)):
+  if FLAGS.output and not os.path.isdir(os.path.dirname(output)):
     raise app.UsageError(f"--output={FLAGS.output}: folder {os.path.dirname(output)} does "
                          "not exist")
   anytime = None

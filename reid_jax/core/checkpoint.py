@@ -18,6 +18,27 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _drop_closed_loop_reports() -> None:
+  """After a failed restore, drops the reports of its leftover reads.
+
+  When one array of a damaged checkpoint fails to read, orbax closes its asyncio loop
+  while tensorstore still completes the other reads; each then reports `RuntimeError:
+  Event loop is closed` as an unraisable exception (a 6-line traceback each, printed
+  around the command's one-line error). Those reports, and only those, are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints under `directory` (the caller picks the steps).
 
@@ -66,7 +87,11 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(state_template)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception:
+      _drop_closed_loop_reports()
+      raise
     return restored["state"]
 
   def readable(self, step: int) -> bool:
@@ -76,6 +101,7 @@ class Checkpointer:
       self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
       return True
     except Exception:  # pylint: disable=broad-except  (tensorstore / JSON / OS errors)
+      _drop_closed_loop_reports()
       return False
 
   def restore_newest_readable(self, state_template: Any, data_iter: Any | None = None
