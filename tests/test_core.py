@@ -388,3 +388,13 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path, capf
   np.testing.assert_array_equal(resumed.params["w"], full.params["w"])
   assert os.listdir(ck + ".unreadable")[0].startswith("4-")
   assert ckpt_lib.Checkpointer(ck).all_steps() == [2, 4, 6]
+
+
+def test_evaluating_a_mistyped_workdir_creates_nothing(tmp_path):
+  from reid_jax.core import experiment
+  template = state_lib.create(None, {"params": {"w": jnp.zeros(())}}, optax.sgd(0.1))
+  ck = str(tmp_path / "no" / "such" / "checkpoints")
+  with pytest.raises(FileNotFoundError, match=r"^no checkpoint in .*no/such/checkpoints; "
+                                              r"train first"):
+    experiment.restore_variables(ck, template)
+  assert not os.path.exists(tmp_path / "no")

@@ -342,3 +342,18 @@ def test_too_few_identities_is_one_line_and_leaves_the_workdir_reusable(data_dir
     methods.get("dare").train_and_evaluate(c, wd, evaluate_at_end=False)
   assert ckpt_lib.Checkpointer(loop.stage_dir(wd)).all_steps() == []
   experiment.check_workdir_config(tiny_config("dare", data_dir), wd)  # accepted
+
+
+def test_dare_settings_are_checked_before_the_step(data_dir):
+  """loss.mining and loss.name are checked by validate (before any work), not inside
+  the jitted step."""
+  from reid_jax.methods.dare import train as dare_train
+  c = tiny_config("dare", data_dir)
+  c.loss.mining = "bogus"
+  with pytest.raises(ValueError, match=r"^config.loss.mining='bogus': use 'global' or "
+                                       r"'device'$"):
+    dare_train.validate(c)
+  c = tiny_config("dare", data_dir)
+  c.loss.name = "bogus"
+  with pytest.raises(ValueError, match=r"^config.loss.name='bogus': method dare trains "):
+    dare_train.validate(c)
