@@ -34,7 +34,8 @@ import tensorflow_datasets as tfds
 
 import reid_jax.data  # noqa: F401  (registers the builders)
 from reid_jax.data.common import FILE_FORMAT, ReidBuilder, ReidDataError, check_prepared
-from reid_jax.data.common import guard_reads
+from reid_jax.data.common import full_name, guard_reads
+from reid_jax.core.writer import end_progress_bars
 
 _CHUNK = 4096  # Records read per batch when counting.
 #: An `incomplete.*` folder untouched this long is a dead prepare's (a live one writes on).
@@ -74,31 +75,23 @@ def load_builder(name: str, config: str | None = None, data_dir: str | None = No
   return tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
 
 
-def _newest_mtime(folder: pathlib.Path) -> float:
-  """The latest modification time of `folder` or anything below it."""
-  newest = folder.stat().st_mtime
+def _newest_mtime_and_bytes(folder: pathlib.Path) -> tuple[float, int]:
+  """(latest modification time of `folder` or anything below it, total file bytes)."""
+  newest, total = folder.stat().st_mtime, 0
   for root, dirs, files in os.walk(folder):
-    for entry in dirs + files:
+    for entry, is_file in [(d, False) for d in dirs] + [(f, True) for f in files]:
       with contextlib.suppress(OSError):  # A live prepare may rename it meanwhile.
-        newest = max(newest, os.stat(os.path.join(root, entry)).st_mtime)
-  return newest
-
-
-def _tree_bytes(folder: pathlib.Path) -> int:
-  """Total size of the files below `folder`."""
-  total = 0
-  for root, _, files in os.walk(folder):
-    for name in files:
-      with contextlib.suppress(OSError):
-        total += os.stat(os.path.join(root, name)).st_size
-  return total
+        st = os.stat(os.path.join(root, entry))
+        newest = max(newest, st.st_mtime)
+        total += st.st_size if is_file else 0
+  return newest, total
 
 
 def remove_stale_incomplete(builder: tfds.core.DatasetBuilder,
                             stale_after_s: float = STALE_AFTER_S) -> list[pathlib.Path]:
   """Removes the `incomplete.*` folders a killed prepare of `builder` left; returns them.
 
-  tfds writes into `<data_dir>/<name>[/<config>]/incomplete.XXXX_<version>` and renames
+  tfds writes into `<data_dir>/<name>[/<config>]/incomplete.<random>_<version>` and renames
   it when done, so a killed prepare leaves one behind (37 MB for Market-1501). Only
   folders of this builder untouched for `stale_after_s` go: a concurrent prepare keeps
   writing into its own. One line per folder removed goes to stderr.
@@ -109,9 +102,11 @@ def remove_stale_incomplete(builder: tfds.core.DatasetBuilder,
   removed = []
   for folder in sorted(parent.glob("incomplete.*")):
     try:
-      if not folder.is_dir() or time.time() - _newest_mtime(folder) < stale_after_s:
+      if not folder.is_dir():
         continue
-      size = _tree_bytes(folder)
+      newest, size = _newest_mtime_and_bytes(folder)
+      if time.time() - newest < stale_after_s:
+        continue
       shutil.rmtree(folder)
     except OSError as e:
       print(f"could not remove stale {folder.name}: {e}", file=sys.stderr)
@@ -212,21 +207,6 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _end_progress_bars() -> None:
-  """Closes live tqdm bars and ends their line, so what follows starts a line of its own.
-
-  tfds's bars redraw with `\r` and no newline; an error raised while one is live would
-  otherwise be printed on the bar's line. Nothing is written when no bar is live.
-  """
-  tqdm = sys.modules.get("tqdm")
-  bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
-  for bar in bars:
-    with contextlib.suppress(Exception):  # A bar of a dead stream must not hide the error.
-      bar.close()
-  if bars:
-    sys.stderr.write("\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()
@@ -234,12 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     builder = prepare(args.name, args.manual_dir, args.data_dir, args.config)
     stats = {s: split_stats(builder, s) for s in _split_order(list(builder.info.splits))}
   except ReidDataError as e:
-    _end_progress_bars()
+    end_progress_bars()
     print(f"error: {e}", file=sys.stderr)
     return 1
-  config = builder.builder_config.name if builder.builder_config else None
-  title = f"{builder.name}/{config}" if config else builder.name
-  print(f"{title} {builder.version}: {builder.data_dir}")
+  print(f"{full_name(builder)} {builder.version}: {builder.data_dir}")
   print(format_stats(stats))
   print(f"wall time: {time.perf_counter() - start:.1f} s")
   return 0

@@ -18,6 +18,7 @@ from typing import Callable
 from absl import flags
 
 from reid_jax.core.loop import TrainingDiverged
+from reid_jax.core.writer import end_progress_bars
 
 EXPECTED = (ValueError, FileNotFoundError, TrainingDiverged)
 
@@ -31,17 +32,6 @@ def _want_traceback() -> bool:
     return False
 
 
-def _end_progress_bars() -> None:
-  """Closes live tqdm bars (tfds's, while preparing) and ends their line, so the error
-  starts a line of its own instead of following a bar's `\r` text."""
-  tqdm = sys.modules.get("tqdm")
-  bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ())
-  for bar in bars:
-    bar.close()
-  if bars:
-    sys.stderr.write("\n")
-
-
 def one_line_errors(main: Callable) -> Callable:
   """Wraps an absl `main(argv)`."""
   @functools.wraps(main)
@@ -52,7 +42,7 @@ def one_line_errors(main: Callable) -> Callable:
       message = str(e).strip()
       if _want_traceback() or not message or "\n" in message:
         raise
-      _end_progress_bars()
+      end_progress_bars()
       print(f"error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
   return wrapped

@@ -106,6 +106,17 @@ def finite_guard(step_fn: StepFn) -> StepFn:
   return step
 
 
+def _device_step(step_fn: StepFn, seed: int) -> Callable:
+  """(state, batch, step number) -> guarded `step_fn` with the step's key, per device.
+
+  The key is folded from the step number inside the compiled step, so the host loop
+  never waits on the device for it (an eager fold_in read back every step would queue
+  behind the running step and stall the next dispatch).
+  """
+  guarded = finite_guard(step_fn)
+  return lambda state, batch, step: guarded(state, batch, step_key(seed, step))
+
+
 def _last_good(last_good: int | None, ckpt_dir: str) -> str:
   return (f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good
           else "no checkpoint was saved")
@@ -170,7 +181,7 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
     ckpt.close()
     return state
 
-  p_step = jax.pmap(finite_guard(step_fn), axis_name=parallel.AXIS,
+  p_step = jax.pmap(_device_step(step_fn, cfg.seed), axis_name=parallel.AXIS,
                     donate_argnums=(0,) if donate else ())
   state = parallel.replicate(state)
   writer.total = cfg.steps  # progress and ETA of this stage
@@ -181,8 +192,7 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
   skipped = 0
   for step in range(start + 1, cfg.steps + 1):
     batch = parallel.shard(prepare_batch(next(train_iter), step), n_local)
-    keys = parallel.replicate(step_key(cfg.seed, step))
-    state, metrics = p_step(state, batch, keys)
+    state, metrics = p_step(state, batch, np.full(n_local, step, np.int32))
     pending.append((step, metrics))
     last = step == cfg.steps
     save = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)

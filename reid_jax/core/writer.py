@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -95,3 +96,18 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def end_progress_bars() -> None:
+  """Closes live tqdm bars and ends their line, so what follows starts a line of its own.
+
+  tfds's bars redraw with `\r` and no newline; an error raised while one is live would
+  otherwise be printed on the bar's line. Nothing is written when no bar is live.
+  """
+  tqdm = sys.modules.get("tqdm")
+  bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ())
+  for bar in bars:
+    with contextlib.suppress(Exception):  # A bar of a dead stream must not hide the error.
+      bar.close()
+  if bars:
+    sys.stderr.write("\n")
