@@ -12,7 +12,6 @@ set by hand), with SGD and a lower learning rate for the ImageNet backbone
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from reid_jax.core import embedding, evaluators, experiment, loop, optim, parall
 from reid_jax.core import state as state_lib
 from reid_jax.core.state import TrainState
 from reid_jax.data import attributes as attr_lib
+from reid_jax.data import identities
 from reid_jax.data import pipeline, sources
 from reid_jax.data import samplers as smp
 from reid_jax.methods.classification import losses, models
@@ -40,37 +40,13 @@ SAMPLERS = ("shuffle", "pk", "pairs")
 # ----------------------------------------------------------------------------- data
 
 
-@functools.lru_cache(maxsize=8)
-def _train_ids(dataset_json: str) -> np.ndarray:
-  cfg = ml_collections.ConfigDict(json.loads(dataset_json))
-  labels = smp.read_labels(sources.open_split(cfg, cfg.train_split))
-  pids = labels["person_id"]
-  return np.unique(pids[pids >= 1]).astype(np.int32)
-
-
 def train_identities(config: ml_collections.ConfigDict) -> np.ndarray:
   """Sorted identities of the training split (ids >= 1; distractors/junk excluded)."""
-  return _train_ids(config.dataset.to_json())
+  return identities.train_identities(config.dataset)
 
 
-def num_classes(config: ml_collections.ConfigDict) -> int:
-  """The softmax size: the training split's identity count (checked against the config)."""
-  n = len(train_identities(config))
-  if config.model.num_classes not in (0, n):
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but "
-                     f"{sources.full_name(config.dataset)} has {n} training identities; "
-                     "leave it 0 (it is read from the dataset)")
-  return n
-
-
-def class_labels(ids: np.ndarray, person_ids: np.ndarray) -> np.ndarray:
-  """person_id -> class index (position in the sorted training identities)."""
-  cls = np.searchsorted(ids, person_ids)
-  ok = (cls < len(ids)) & (ids[np.minimum(cls, len(ids) - 1)] == person_ids)
-  if not ok.all():
-    raise ValueError(f"training batch holds identities {np.unique(person_ids[~ok])[:5]} "
-                     "that are not training classes")
-  return cls.astype(np.int32)
+num_classes = identities.num_classes
+class_labels = identities.class_labels
 
 
 def attribute_table(config: ml_collections.ConfigDict, part: str) -> attr_lib.AttributeTable:
