@@ -30,6 +30,7 @@ from reid_jax.core.state import TrainState
 from reid_jax.core.writer import MetricWriter
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+CustomStep = Callable[[TrainState, Any, np.ndarray], tuple[TrainState, dict]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,7 +107,7 @@ def finite_guard(step_fn: StepFn) -> StepFn:
   return step
 
 
-def _device_step(step_fn: StepFn, seed: int) -> Callable:
+def device_step(step_fn: StepFn, seed: int) -> Callable:
   """(state, batch, step number) -> guarded `step_fn` with the step's key, per device.
 
   The key is folded from the step number inside the compiled step, so the host loop
@@ -160,13 +161,22 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
         examples_per_step: int, writer: MetricWriter, log_prefix: str = "train/",
         evaluate_fn: Callable[[TrainState, int], Any] | None = None,
         step_callback: Callable[[int], None] | None = None,
-        donate: bool = True) -> TrainState:
+        donate: bool = True, custom_step: CustomStep | None = None,
+        before_batch: Callable[[TrainState, int], None] | None = None) -> TrainState:
   """Trains `state` (a fresh host state, the template for restoring) to `cfg.steps`.
 
   `prepare_batch(host_batch, step)` selects and converts what `step_fn` reads (e.g.
   identity labels) before sharding. `evaluate_fn(host_state, step)` runs every
   `cfg.eval_every` steps (not at the last one: the method evaluates the final model).
   `step_callback(step)` runs after every step (tests simulate a crash with it).
+
+  `custom_step(state, host_batch, steps)` replaces the pmapped `step_fn` for a method
+  whose update cannot be one compiled function (inputs of varying shapes): it gets the
+  replicated state, the unsharded host batch and `np.full(n_local, step)`, and returns
+  the replicated state and per-device metrics holding `nonfinite` (build its final
+  update with `device_step`, which adds the guard). `before_batch(state, step)` runs
+  before each batch is drawn, with the current replicated state, for samplers that
+  depend on the model (hard-triplet mining, clustering rounds).
   Returns the final state on the host (unreplicated).
   """
   is_main = jax.process_index() == 0
@@ -181,7 +191,7 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
     ckpt.close()
     return state
 
-  p_step = jax.pmap(_device_step(step_fn, cfg.seed), axis_name=parallel.AXIS,
+  p_step = custom_step or jax.pmap(device_step(step_fn, cfg.seed), axis_name=parallel.AXIS,
                     donate_argnums=(0,) if donate else ())
   state = parallel.replicate(state)
   writer.total = cfg.steps  # progress and ETA of this stage
@@ -191,7 +201,11 @@ def fit(state: TrainState, step_fn: StepFn, train_iter: Iterator[dict], *,
   last_saved = start or None
   skipped = 0
   for step in range(start + 1, cfg.steps + 1):
-    batch = parallel.shard(prepare_batch(next(train_iter), step), n_local)
+    if before_batch is not None:
+      before_batch(state, step)
+    batch = prepare_batch(next(train_iter), step)
+    if custom_step is None:
+      batch = parallel.shard(batch, n_local)
     state, metrics = p_step(state, batch, np.full(n_local, step, np.int32))
     pending.append((step, metrics))
     last = step == cfg.steps
@@ -233,13 +247,17 @@ class Stage:
   make_iterator: Callable[[], Iterator[dict]]
   prepare_batch: Callable[[dict, int], dict]
   examples_per_step: int
+  custom_step: CustomStep | None = None   # see `fit`
+  before_batch: Callable[[TrainState, int], None] | None = None
 
 
 def run_stages(stages: list[Stage], workdir: str, writer: MetricWriter, *,
                evaluate_fn: Callable[[Stage, TrainState, int], Any] | None = None,
-               step_callback: Callable[[int], None] | None = None) -> TrainState:
+               step_callback: Callable[[int], None] | None = None,
+               stage_end: Callable[[Stage, TrainState], None] | None = None) -> TrainState:
   """Runs `fit` for each stage in order; a finished stage is restored, not retrained,
-  so a re-run after a kill anywhere (inside or between stages) continues exactly."""
+  so a re-run after a kill anywhere (inside or between stages) continues exactly.
+  `stage_end(stage, host_state)` runs after each stage (also when it was restored)."""
   state = None
   for stage in stages:
     train_iter = stage.make_iterator()  # data errors (e.g. too few identities) come first
@@ -252,5 +270,8 @@ def run_stages(stages: list[Stage], workdir: str, writer: MetricWriter, *,
                 prepare_batch=stage.prepare_batch,
                 examples_per_step=stage.examples_per_step, writer=writer,
                 log_prefix=f"train/{stage.name + '/' if stage.name else ''}",
-                evaluate_fn=periodic, step_callback=step_callback)
+                evaluate_fn=periodic, step_callback=step_callback,
+                custom_step=stage.custom_step, before_batch=stage.before_batch)
+    if stage_end is not None:
+      stage_end(stage, state)
   return state
