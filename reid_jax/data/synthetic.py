@@ -33,6 +33,13 @@ Difficulty knobs (fields of `SyntheticReidConfig`, all have defaults):
   clutter: mean number of random palette-coloured rectangles in the background.
   clutter_muting: clutter colours are mixed towards grey by up to this fraction.
   occlusion_prob: probability of a passer-by / object / pole in front of the person.
+Image size knobs (off by default: every image is `height` x `width`):
+  size_jitter: relative jitter of each image's height, e.g. 0.3 -> heights in
+    height * [0.7, 1.3], uniform.
+  aspect_range: (min, max) width/height ratio of each image, uniform; None keeps
+    width / height. The scene and person are rendered at the drawn size (the person
+    scaled to the height), and each size is a pure function of the config and image
+    (`synthetic_render.image_size`). Config `varied` is the tiny one with both set.
 Changing a knob changes the data: give the modified config a new `name` (or delete the
 prepared folder), since tfds reuses a prepared `synthetic_reid/<name>/<version>`.
 """
@@ -89,6 +96,10 @@ class SyntheticReidConfig(tfds.core.BuilderConfig):
   clutter: float = 1.5
   clutter_muting: float = 0.5
   occlusion_prob: float = 0.1
+  # Image size knobs (see the module docstring); the defaults keep every image at
+  # height x width and draw nothing, so fixed-size configs are unchanged.
+  size_jitter: float = 0.0
+  aspect_range: tuple[float, float] | None = None
 
   def __post_init__(self):
     lo, hi = self.train_cameras
@@ -105,6 +116,14 @@ class SyntheticReidConfig(tfds.core.BuilderConfig):
     if not 2 <= self.palette_size <= len(sr.PALETTE):
       raise common.ReidDataError(
           f"synthetic_reid/{self.name}: palette_size={self.palette_size} must be in 2..{len(sr.PALETTE)}.")
+    if not 0.0 <= self.size_jitter < 1.0:
+      raise common.ReidDataError(
+          f"synthetic_reid/{self.name}: size_jitter={self.size_jitter} must be in [0, 1).")
+    if self.aspect_range is not None and not (
+        len(self.aspect_range) == 2 and 0.0 < self.aspect_range[0] <= self.aspect_range[1]):
+      raise common.ReidDataError(
+          f"synthetic_reid/{self.name}: aspect_range={self.aspect_range} must be (min, max) "
+          "width/height ratios with 0 < min <= max, or None.")
 
   @property
   def train_ids(self) -> range:
@@ -118,6 +137,9 @@ class SyntheticReidConfig(tfds.core.BuilderConfig):
 TINY = dict(height=64, width=32, num_train_ids=12, images_per_train_id=6, train_cameras=(2, 4),
             num_test_ids=8, queries_per_test_id=2, gallery_per_test_id=5, test_cameras=(2, 4),
             num_distractors=6, num_junk=3)
+# The tiny layout with images of varied size and shape: heights 45..83 px, width/height
+# 0.3..0.7 (widths 13..58 px), for tests of training on images at their own size.
+VARIED = dict(TINY, size_jitter=0.3, aspect_range=(0.3, 0.7))
 
 
 def split_sizes(cfg: SyntheticReidConfig) -> dict[str, int]:
@@ -191,6 +213,8 @@ class SyntheticReid(common.ReidBuilder):
   BUILDER_CONFIGS = [
       SyntheticReidConfig(name="default", description="600 train / 200 test ids (+300 distractors, 100 junk) at 128x64."),
       SyntheticReidConfig(name="tiny", description="12 train / 8 test ids at 64x32, for tests.", **TINY),
+      SyntheticReidConfig(name="varied", description="The tiny layout at varied sizes: "
+                          "heights 64 +/- 30%, width/height 0.3..0.7, for tests.", **VARIED),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = "default"
 

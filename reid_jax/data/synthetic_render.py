@@ -28,6 +28,10 @@ NUM_CAMERAS = 6
 
 # Seed-stream tags: one independent random stream per kind of thing drawn.
 TAG_PERSON, TAG_CAMERA, TAG_TRACK, TAG_IMAGE, TAG_PLAN = 1, 2, 3, 4, 5
+TAG_SIZE = 6  # image sizes; only drawn when `size_jitter` or `aspect_range` is set
+
+# Smallest height or width a varied image size is drawn at.
+MIN_SIDE = 8
 
 # Kinds of rendered image (see `ImageSpec`).
 KIND_NORMAL, KIND_DISTRACTOR, KIND_JUNK = 0, 1, 2
@@ -548,9 +552,32 @@ def _cached(fn, cfg: SyntheticReidConfig, index: int) -> Person | Camera:
   return hit
 
 
+def image_size(cfg: SyntheticReidConfig, spec: ImageSpec) -> tuple[int, int]:
+  """(height, width) of one image, deterministic in (cfg, spec).
+
+  `cfg.height` x `cfg.width` unless the config varies sizes: the height is
+  `cfg.height * (1 + size_jitter * u)` with u uniform in [-1, 1], the width that height
+  times a width/height ratio uniform in `aspect_range` (default: the config's own
+  ratio), both rounded and at least `MIN_SIDE`. The draws come from their own stream
+  (`TAG_SIZE`), so the other draws of an image do not change, and with both knobs off
+  nothing is drawn at all: fixed-size configs render exactly as before.
+  """
+  if not cfg.size_jitter and cfg.aspect_range is None:
+    return cfg.height, cfg.width
+  r = rng_for(cfg, TAG_SIZE, spec.appearance, spec.camera_id, spec.index, spec.kind)
+  u, t = r.uniform(-1.0, 1.0), r.uniform(0.0, 1.0)
+  h = cfg.height * (1.0 + cfg.size_jitter * u)
+  lo, hi = cfg.aspect_range or (cfg.width / cfg.height,) * 2
+  return max(int(round(h)), MIN_SIDE), max(int(round(h * (lo + (hi - lo) * t))), MIN_SIDE)
+
+
 def render(cfg: SyntheticReidConfig, spec: ImageSpec) -> np.ndarray:
-  """Renders one image (uint8, `cfg.height` x `cfg.width` x 3); deterministic in (cfg, spec)."""
-  h, w = cfg.height, cfg.width
+  """Renders one image (uint8, `image_size(cfg, spec)` x 3); deterministic in (cfg, spec).
+
+  The scene and person are drawn at that size (the person scaled to the height), not
+  stretched afterwards.
+  """
+  h, w = image_size(cfg, spec)
   person = _cached(sample_person, cfg, spec.appearance)
   cam = _cached(sample_camera, cfg, spec.camera_id)
   view, facing = track_view(cfg, spec.appearance, spec.camera_id, cam)
