@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "pcb": "reid_jax.methods.classification",
     "verif_ident": "reid_jax.methods.classification",
     "apr": "reid_jax.methods.classification",
+    "done_right": "reid_jax.methods.done_right",
 }
 
 

@@ -1,0 +1,67 @@
+"""The Re-ID done right network (Almazan et al. 2018, arXiv 1801.05339): any backbone of
+`reid_jax.models`, global max pooling of its last map, a fully connected layer to the
+embedding, l2 normalisation.
+
+With `num_classes > 0` (the classification stage) the model adds a softmax classifier on
+the pooled feature and has no FC: stage 2 starts from stage 1's backbone and trains a
+fresh FC with the ranking loss. `feature_map` and `head` split the forward pass at the
+last convolutional map (for the matching-regions heat maps).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from reid_jax.models.layers import Dtype
+
+_classifier_init = nn.initializers.normal(0.001)  # as the classification family's IDE
+
+
+def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class DoneRightModel(nn.Module):
+  """Backbone -> GMP -> FC -> l2 (or -> classifier for the classification stage).
+
+  Attributes:
+    backbone: a backbone module returning its stage maps (NHWC); the last one is pooled.
+    embed_dim: FC output size (2048 in the paper).
+    num_classes: > 0 builds the classification stage (classifier on the pooled feature).
+    dtype: compute dtype of the head (params float32).
+  """
+
+  backbone: nn.Module
+  embed_dim: int = 2048
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.num_classes:
+      self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                                 kernel_init=_classifier_init,
+                                 bias_init=nn.initializers.zeros)
+    else:
+      self.fc = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32)
+
+  def feature_map(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """The backbone's last map [B, h, w, C]."""
+    return self.backbone(x, train=train)[-1]
+
+  def head(self, fmap: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Pooled feature, and the l2-normalised embedding or the logits."""
+    pool = jnp.max(fmap.astype(jnp.float32), axis=(1, 2))  # global max pooling
+    out = {"pool": pool}
+    if self.num_classes:
+      out["logits"] = self.classifier(pool).astype(jnp.float32)
+    else:
+      out["embedding"] = l2_normalize(self.fc(pool).astype(jnp.float32))
+    return out
+
+  def embed_from_map(self, fmap: jnp.ndarray) -> jnp.ndarray:
+    """[B, h, w, C] -> the l2-normalised embedding [B, D] (stage-2 model)."""
+    return self.head(fmap)["embedding"]
+
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+    return self.head(self.feature_map(x, train))
