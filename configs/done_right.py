@@ -39,6 +39,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.model.last_stride = 2
   c.model.embed_dim = 2048              # seed: FC to 2048, then l2
   c.model.pretrained = ""               # ResNet-101 ImageNet weights: see README
+  # Ours: a BatchNorm between the pooled feature and the stage-1 classifier (as the
+  # classification family's IDE has). Without it the ImageNet MobileNetV2's GMP feature
+  # (norm ~140: max-pooled ReLU6 maps) made SGD at lr 0.05 diverge on Market-1501: loss
+  # above chance at step 250, train top-1 0.7 % after 1,000 steps (benchmarks/RESULTS.md).
+  c.model.classifier_bn = True
   # Stage 1 input (classification, fixed-size batches) and the fixed size the mining
   # pool is embedded at (ours: Market's 2:1 person crop at the ranking scale).
   c.input.height, c.input.width = 416, 208

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -193,9 +194,9 @@ def test_accumulated_gradient_equals_the_batched_mean_loss_gradient():
     var = {"params": p, "batch_stats": v["batch_stats"]}
     q, pos, neg = (f(var, jnp.stack([t[i] for t in trips])) for i in range(3))
     return st.batched_triplet_loss(q, pos, neg, MARGIN)
-  ref = jax.grad(mean_loss)(v["params"])
+  ref = jax.jit(jax.grad(mean_loss))(v["params"])
   assert float(active[0]) > 0
-  np.testing.assert_allclose(float(loss_sum[0]) / 4, float(mean_loss(v["params"])),
+  np.testing.assert_allclose(float(loss_sum[0]) / 4, float(jax.jit(mean_loss)(v["params"])),
                              rtol=1e-5)
   assert _max_diff(jax.tree_util.tree_map(lambda a: a[0] / 4, acc), ref) < 1e-6
 
@@ -206,8 +207,8 @@ def test_mixed_sizes_accumulate_to_the_sum_of_per_triplet_gradients():
   triplet loss, summed in numpy float64)."""
   m, v = _model()
   f = _embed(m)
-  shapes = [((32, 16), (48, 16), (32, 32)), ((16, 32), (32, 16), (48, 32)),
-            ((48, 16), (48, 16), (16, 16))]
+  shapes = [((32, 16), (48, 16), (16, 32)), ((16, 32), (32, 16), (48, 16)),
+            ((48, 16), (48, 16), (32, 16))]
   trips = _triplets(np.random.default_rng(4), shapes)
   devs = jax.local_devices()[:1]
   step = st.SequentialTripletStep(f, margin=2.0, triplets_per_update=3, seed=0,
@@ -220,12 +221,13 @@ def test_mixed_sizes_accumulate_to_the_sum_of_per_triplet_gradients():
     e = [f(var, jnp.asarray(x)[None])[0] for x in t]
     return st.triplet_loss(e[0], e[1], e[2], 2.0)
   total = None
+  grad_one = jax.jit(jax.grad(one))
   for t in trips:
-    g = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.grad(one)(v["params"], t))
+    g = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), grad_one(v["params"], t))
     total = g if total is None else jax.tree_util.tree_map(np.add, total, g)
   assert _max_diff(jax.tree_util.tree_map(lambda a: a[0], acc), total) < 2e-6
-  assert step.shapes == {(32, 16), (48, 16), (32, 32), (16, 32), (48, 32), (16, 16)}
-  assert len(step.compiled) == 2 * 6 + 1  # embed + grad per shape, one loss
+  assert step.shapes == {(32, 16), (48, 16), (16, 32)}
+  assert len(step.compiled) == 2 * 3 + 1  # embed + grad per shape, one loss
 
 
 def test_two_devices_equal_one_device():
@@ -370,6 +372,10 @@ def test_kill_inside_an_accumulation_window_resumes_bit_identically(data_dir, tm
         raise _Interrupt()
     return original(self, name, *args)
   monkeypatch.setattr(st.SequentialTripletStep, "_run", counting)
+  # The broken run starts from the full run's finished classification stage (restored,
+  # not retrained: that stage's resume is the core's, tested for every method).
+  shutil.copytree(os.path.join(full, "checkpoints", "classification"),
+                  os.path.join(broken, "checkpoints", "classification"))
   with pytest.raises(_Interrupt):
     done_right.train_and_evaluate(c, broken, evaluate_at_end=False)
   monkeypatch.setattr(st.SequentialTripletStep, "_run", original)

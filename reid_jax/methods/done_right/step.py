@@ -85,6 +85,8 @@ class SequentialTripletStep:
     pmap = lambda f, **kw: jax.pmap(f, axis_name=AXIS, devices=self.devices, **kw)
     self._fns = {"embed": pmap(embed), "grad": pmap(image_grad, donate_argnums=(4,)),
                  "loss": pmap(loss_and_cotangents)}
+    # One program for the whole zero tree (jnp.zeros_like per leaf compiles per shape).
+    self._zeros = pmap(lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree))
 
     def apply(state: TrainState, batch: dict, rng: jax.Array):
       del rng
@@ -134,7 +136,7 @@ class SequentialTripletStep:
     """
     params, bstats = state.params, state.batch_stats
     n = len(self.devices)
-    acc = jax.tree_util.tree_map(jnp.zeros_like, params)
+    acc = self._zeros(params)
     loss_sum = active_sum = None
     for r in range(len(blocks[0])):
       groups, embs = [], []

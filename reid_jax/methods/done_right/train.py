@@ -22,6 +22,7 @@ import os
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -72,7 +73,8 @@ def build_model(config: ml_collections.ConfigDict, classes: int = 0,
   if m.backbone == "resnet_small":
     kw["width"] = m.width
   return DoneRightModel(BACKBONES[m.backbone](**kw), embed_dim=m.embed_dim,
-                        num_classes=classes, dtype=dtype)
+                        num_classes=classes, classifier_bn=bool(m.classifier_bn),
+                        dtype=dtype, bn_axis_name=axis)
 
 
 def init_variables(rng: jax.Array, config: ml_collections.ConfigDict, classes: int,
@@ -161,10 +163,9 @@ def ranking_stream(config: ml_collections.ConfigDict) -> TripletStream:
 
 
 def device0_variables(state: TrainState) -> dict:
-  """The first local replica of a replicated state's variables, left on its device."""
-  first = lambda x: x.addressable_shards[0].data[0]
-  return {"params": jax.tree_util.tree_map(first, state.params),
-          "batch_stats": jax.tree_util.tree_map(first, state.batch_stats)}
+  """The first local replica of a replicated state's variables, on the default device
+  (one host copy; slicing each leaf on device would compile one program per shape)."""
+  return jax.device_put(parallel.unreplicate(state_lib.variables(state)))
 
 
 class Miner:
@@ -332,16 +333,39 @@ def _stage1_state(config, classes: int, steps: int) -> TrainState:
   return state_lib.create(build_model(config, classes).apply, variables, tx)
 
 
-def _stage2_state(config, previous: TrainState | None, steps: int) -> TrainState:
-  """Stage 1's backbone (params and BN statistics) + a fresh FC."""
-  fresh = init_variables(jax.random.PRNGKey(config.seed + 1), config, 0, pretrained=False)
-  params, batch_stats = dict(fresh["params"]), dict(fresh.get("batch_stats", {}))
-  if previous is not None:
-    params["backbone"] = previous.params["backbone"]
-    batch_stats["backbone"] = previous.batch_stats["backbone"]
-  variables = {"params": params, "batch_stats": batch_stats}
-  tx = optim.make_optimizer(config.ranking.optimizer, steps, params)
-  return state_lib.create(build_model(config).apply, variables, tx)
+def _fresh_fc(config: ml_collections.ConfigDict, rng: jax.Array, features: int) -> dict:
+  """A new FC layer's params (the ranking stage's), initialised on its own: cheaper than
+  initialising the whole model again."""
+  model = build_model(config)
+  return nn.Dense(config.model.embed_dim, dtype=model.dtype, param_dtype=jnp.float32).init(
+      rng, jnp.zeros((1, features), jnp.float32))["params"]
+
+
+def _stage2_state(config, previous: TrainState | None, steps: int,
+                  abstract: bool = False) -> TrainState:
+  """Stage 1's backbone (params and BN statistics) + a fresh FC. Without `previous`, a
+  random model (or, `abstract`, only its shapes: a restore template, nothing computed)."""
+  model = build_model(config)
+  tx = lambda params: optim.make_optimizer(config.ranking.optimizer, steps, params)
+  if previous is None:
+    rng = jax.random.PRNGKey(config.seed + 1)
+    if abstract:
+      x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
+      return jax.eval_shape(lambda: state_lib.create(
+          model.apply, model.init(rng, x), tx(model.init(rng, x)["params"])))
+    variables = init_variables(rng, config, 0, pretrained=False)
+  else:
+    backbone = previous.params["backbone"]
+    stats = {"backbone": previous.batch_stats["backbone"]}
+    features = jax.eval_shape(lambda: model.apply(
+        {"params": {"backbone": backbone}, "batch_stats": stats},
+        jnp.zeros((1, config.input.height, config.input.width, 3)),
+        method=DoneRightModel.feature_map)).shape[-1]
+    variables = {"params": {"backbone": backbone,
+                            "fc": _fresh_fc(config, jax.random.PRNGKey(config.seed + 1),
+                                            features)},
+                 "batch_stats": stats}
+  return state_lib.create(model.apply, variables, tx(variables["params"]))
 
 
 class RankingPlan:
@@ -418,7 +442,7 @@ def plan_stages(config: ml_collections.ConfigDict) -> tuple[list[loop.Stage], Ra
 def load_variables(config: ml_collections.ConfigDict, workdir: str,
                    step: int | None = None) -> tuple[Any, int]:
   """{'params', 'batch_stats'} of the ranking stage's checkpoint `step` (default newest)."""
-  template = _stage2_state(config, None, max(int(config.ranking.steps), 1))
+  template = _stage2_state(config, None, max(int(config.ranking.steps), 1), abstract=True)
   return experiment.restore_variables(loop.stage_dir(workdir, "ranking"), template, step)
 
 
