@@ -162,19 +162,16 @@ def ranking_stream(config: ml_collections.ConfigDict) -> TripletStream:
       padded=padded_canvas(config) if r.mode == "padded" else None)
 
 
-def device0_variables(state: TrainState) -> dict:
-  """The first local replica of a replicated state's variables, on the default device
-  (one host copy; slicing each leaf on device would compile one program per shape)."""
-  return jax.device_put(parallel.unreplicate(state_lib.variables(state)))
-
-
 class Miner:
   """`before_batch` of the ranking stage: re-mines the stream's table when it is due,
-  embedding the pool with the current model at the fixed pool size in large batches."""
+  embedding the pool with the current model at the fixed pool size, in large batches
+  split over the local devices (every process mines the same table)."""
 
   def __init__(self, config: ml_collections.ConfigDict, stream: TripletStream):
-    self.stream, self.batch_size = stream, int(config.input.eval_batch_size)
-    self.embed = jax.jit(embed_fn(config))
+    n = jax.local_device_count()
+    self.stream, self.n = stream, n
+    self.batch_size = -(-int(config.input.eval_batch_size) // n) * n  # a multiple of n
+    self.embed = jax.pmap(embed_fn(config), axis_name=AXIS)
     self.on_update: Callable[[], None] | None = None
 
   def __call__(self, state: TrainState, step: int) -> None:
@@ -182,9 +179,10 @@ class Miner:
       self.on_update()
     if not self.stream.mining_due(step - 1):
       return
-    variables = device0_variables(state)
-    self.stream.refresh(step - 1, lambda x: jax.device_get(self.embed(variables, x)),
-                        self.batch_size)
+    variables = state_lib.variables(state)  # replicated: each device embeds its share
+    embed = lambda x: np.asarray(self.embed(
+        variables, x.reshape((self.n, -1) + x.shape[1:]))).reshape(len(x), -1)
+    self.stream.refresh(step - 1, embed, self.batch_size)
 
 
 def stack_window(window: dict, step: int) -> dict:
