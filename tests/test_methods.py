@@ -292,8 +292,8 @@ def test_cli_trains_and_writes_results(method, data_dir, tmp_path):
 
 def test_unknown_method_is_one_line():
   with pytest.raises(ValueError, match=r"config.method='bogus' is not a registered method; "
-                                       r"choose one of \['apr', 'dare', 'ide', 'pcb', "
-                                       r"'trinet', 'verif_ident'\]"):
+                                       r"choose one of \['apr', 'dare', 'done_right', 'ide', "
+                                       r"'pcb', 'trinet', 'verif_ident'\]"):
     methods.get("bogus")
 
 
