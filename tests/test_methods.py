@@ -82,8 +82,9 @@ def _steps(stage: loop.Stage, n_devices: int, batches: list[dict]):
 
 # DaRe's is in test_train. Re-ID done right's classification stage is the classification
 # family's step on a GMP head; its own (ranking) step's device equivalence is tested in
-# test_done_right, where the float32 summation order cannot flip GMP's arg-max near-ties
-# (which made a second step here differ by ~1e-3; measured).
+# test_done_right (one update, frozen BatchNorm). Here a second step differed by ~1e-3
+# (measured): the float32 summation order of 8 devices vs 1 flips near-ties of GMP's
+# arg-max, which routes each gradient to one position.
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("dare", "done_right")])
 def test_pmap_8_devices_equals_1_device(method, data_dir):
   """The same two global batches on 8 devices and on 1: equal loss and parameters.
