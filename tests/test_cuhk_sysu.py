@@ -18,30 +18,11 @@ from reid_jax import prepare as prepare_cli
 from reid_jax.data import cuhk_sysu
 from reid_jax.data.common import ReidDataError
 from tests import fake_sysu as fs
+from tests.test_builders import build, records
 
 tfds.disable_progress_bar()
 
 SPLITS = ("train", "query", "gallery")
-
-
-def build(name: str, manual_dir: pathlib.Path | None, data_dir: pathlib.Path
-         ) -> tfds.core.DatasetBuilder:
-  builder = tfds.builder(name, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir) if manual_dir else None))
-  return builder
-
-
-def records(name: str, split: str, data_dir: pathlib.Path) -> dict[str, dict]:
-  """All records of a split, keyed by file name."""
-  source = tfds.data_source(name, split=split, data_dir=str(data_dir))
-  out = {}
-  for i in range(len(source)):
-    r = source[i]
-    key = r["file_name"].decode() if isinstance(r["file_name"], bytes) else r["file_name"]
-    assert key not in out, key
-    out[key] = r
-  return out
 
 
 def check_split(got: dict[str, dict], expected: dict) -> None:

@@ -148,7 +148,7 @@ def test_mined_pairs_are_the_top_hardest_of_a_brute_force_enumeration():
   e /= np.linalg.norm(e, axis=1, keepdims=True)
   pids = rng.integers(0, 9, n)
   records = rng.permutation(1000)[:n]
-  table = mining.mine(e, pids, records, top, MARGIN, chunk=17)  # several chunks
+  table = mining.mine(e, pids, records, top, chunk=17)  # several chunks
   rec_to_row = {int(r): i for i, r in enumerate(records)}
   d2 = ((e[:, None] - e[None]) ** 2).sum(-1)
   expected_anchors = [i for i in range(n) if ((pids == pids[i]).sum() > 1)]
@@ -268,7 +268,7 @@ def test_compiled_shapes_stay_within_the_configured_bound():
   stream = TripletStream(records, triplets_per_update=4, seed=0, longer_side=longer,
                          size_multiple=mult, min_side=low, augment=aug.AugmentConfig(
                              resize_scale=1.0, flip_prob=0.0), mining_cfg=mcfg,
-                         margin=MARGIN, pool_size=(32, 16))
+                         pool_size=(32, 16))
   m, v = _model()
   step = st.SequentialTripletStep(_embed(m), margin=MARGIN, triplets_per_update=4, seed=0,
                                   devices=jax.local_devices()[:1])

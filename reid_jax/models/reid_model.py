@@ -76,6 +76,17 @@ def default_model_config() -> ml_collections.ConfigDict:
   })
 
 
+def make_backbone(model_cfg: ml_collections.ConfigDict, bn_axis_name: str | None = None
+                  ) -> nn.Module:
+  """The backbone a `config.model` names (`backbone`, `last_stride`, `dtype`, and `width`
+  for resnet_small), its BatchNorm statistics averaged over `bn_axis_name` in training."""
+  kw = dict(last_stride=model_cfg.last_stride, dtype=DTYPES[model_cfg.dtype],
+            bn_axis_name=bn_axis_name)
+  if model_cfg.backbone == "resnet_small":
+    kw["width"] = model_cfg.width
+  return BACKBONES[model_cfg.backbone](**kw)
+
+
 def build_model(config: ml_collections.ConfigDict | dict) -> ReIDModel:
   """Builds a `ReIDModel` from a model config; missing fields take `default_model_config`."""
   cfg = default_model_config()
@@ -94,10 +105,7 @@ def build_model(config: ml_collections.ConfigDict | dict) -> ReIDModel:
     raise ValueError(f"model.num_stages={cfg.num_stages} (a truncated backbone) needs a "
                      f"single-exit head: set model.head='trinet' (got {cfg.head!r})")
   dtype = DTYPES[cfg.dtype]
-  common = dict(last_stride=cfg.last_stride, dtype=dtype, bn_axis_name=cfg.bn_axis_name)
-  if cfg.backbone == "resnet_small":
-    common["width"] = cfg.width
-  backbone = BACKBONES[cfg.backbone](**common)
+  backbone = make_backbone(cfg, cfg.bn_axis_name)
   if cfg.head == "dare":
     head = DaReHead(
         hidden_dim=cfg.hidden_dim,

@@ -30,6 +30,7 @@ from reid_jax.data import pipeline, sources
 from reid_jax.data import samplers as smp
 from reid_jax.methods.classification import losses, models
 from reid_jax.models import BACKBONES
+from reid_jax.models.reid_model import DTYPES, make_backbone
 from reid_jax.pretrained import load_pretrained
 
 AXIS = parallel.AXIS
@@ -125,12 +126,9 @@ class BatchPreparer:
 def build_model(config: ml_collections.ConfigDict, classes: int, train: bool = False):
   """The method's network; BatchNorm synchronised over devices when training with sync_bn."""
   m = config.model
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+  dtype = DTYPES[m.dtype]
   axis = AXIS if (train and config.train.sync_bn) else None
-  kw = dict(last_stride=m.last_stride, dtype=dtype, bn_axis_name=axis)
-  if m.backbone == "resnet_small":
-    kw["width"] = m.width
-  backbone = BACKBONES[m.backbone](**kw)
+  backbone = make_backbone(m, axis)
   if config.method == "pcb":
     return models.PCBModel(backbone, classes, num_parts=m.num_parts, reduce_dim=m.reduce_dim,
                            dropout=m.dropout, rpp=bool(m.get("rpp", False)), dtype=dtype,

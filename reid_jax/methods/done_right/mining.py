@@ -14,18 +14,6 @@ import dataclasses
 import numpy as np
 
 
-def triplet_losses(d_ap: np.ndarray, d_an: np.ndarray, margin: float) -> np.ndarray:
-  """L = 1/2 max(0, m + d_ap - d_an) for squared distances (the paper's loss)."""
-  return 0.5 * np.maximum(0.0, margin + d_ap - d_an)
-
-
-def squared_distances(e: np.ndarray) -> np.ndarray:
-  """[N, N] squared Euclidean distances of the rows of `e` (float64, clipped at 0)."""
-  e = np.asarray(e, np.float64)
-  sq = np.sum(e * e, 1)
-  return np.maximum(sq[:, None] + sq[None, :] - 2.0 * e @ e.T, 0.0)
-
-
 @dataclasses.dataclass
 class HardTable:
   """Each anchor's hardest pairs, as record indices of the training split.
@@ -55,14 +43,13 @@ def _nearest(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def mine(embeddings: np.ndarray, person_ids: np.ndarray, records: np.ndarray, top: int,
-         margin: float, chunk: int = 1024) -> HardTable:
+         chunk: int = 1024) -> HardTable:
   """The `top` hardest (positive, negative) pairs of every pool image with a positive.
 
   `embeddings` [N, D] of the pool images, `person_ids` [N] their identities, `records`
   [N] their record indices in the training split (what the table stores). Rows are
   processed `chunk` anchors at a time (memory ~ chunk x N).
   """
-  del margin  # the order by d_ap - d_an is the order by loss; kept for the signature
   pids = np.asarray(person_ids)
   recs = np.asarray(records)
   e = np.asarray(embeddings, np.float64)

@@ -66,7 +66,7 @@ class TripletStream:
 
   def __init__(self, source: Any, *, triplets_per_update: int, seed: int,
                longer_side: int, size_multiple: int, min_side: int,
-               augment: aug.AugmentConfig, mining_cfg: Any, margin: float,
+               augment: aug.AugmentConfig, mining_cfg: Any,
                pool_size: tuple[int, int], process_index: int = 0, process_count: int = 1,
                padded: tuple[int, int] | None = None, labels: dict | None = None):
     self.reader = pipeline.RecordReader(source)
@@ -79,7 +79,7 @@ class TripletStream:
     self.local = smp.process_slice(self.total, process_index, process_count)
     self.sampler = smp.TripletSampler(self.person_ids, labels.get("camera_id"),
                                       batch_size=self.total, seed=seed)
-    self.seed, self.margin = int(seed), float(margin)
+    self.seed = int(seed)
     self.longer_side, self.multiple, self.min_side = longer_side, size_multiple, min_side
     self.augment, self.padded, self.pool_size = augment, padded, pool_size
     self.every, self.pool = int(mining_cfg.every), int(mining_cfg.pool)
@@ -136,8 +136,7 @@ class TripletStream:
     round_ = pos // self.every
     idx = self.pool_indices(round_)
     embs = [np.asarray(embed(x))[:n] for x, n in self.pool_batches(idx, batch_size)]
-    self.table = mining.mine(np.concatenate(embs), self.person_ids[idx], idx, self.top,
-                             self.margin)
+    self.table = mining.mine(np.concatenate(embs), self.person_ids[idx], idx, self.top)
     self.table_round = round_
     took = time.perf_counter() - t
     self.mining_s += took

@@ -41,6 +41,7 @@ from reid_jax.methods.done_right.model import DoneRightModel, l2_normalize
 from reid_jax.methods.done_right.step import SequentialTripletStep, padded_step
 from reid_jax.methods.done_right.stream import TripletStream
 from reid_jax.models import BACKBONES
+from reid_jax.models.reid_model import DTYPES, make_backbone
 from reid_jax.pretrained import load_pretrained
 
 AXIS = parallel.AXIS
@@ -67,14 +68,10 @@ def build_model(config: ml_collections.ConfigDict, classes: int = 0,
                 train: bool = False) -> DoneRightModel:
   """The stage's network: `classes > 0` is the classification stage."""
   m = config.model
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
   axis = AXIS if (train and config.train.sync_bn) else None
-  kw = dict(last_stride=m.last_stride, dtype=dtype, bn_axis_name=axis)
-  if m.backbone == "resnet_small":
-    kw["width"] = m.width
-  return DoneRightModel(BACKBONES[m.backbone](**kw), embed_dim=m.embed_dim,
+  return DoneRightModel(make_backbone(m, axis), embed_dim=m.embed_dim,
                         num_classes=classes, classifier_bn=bool(m.classifier_bn),
-                        dtype=dtype, bn_axis_name=axis)
+                        dtype=DTYPES[m.dtype], bn_axis_name=axis)
 
 
 def init_variables(rng: jax.Array, config: ml_collections.ConfigDict, classes: int,
@@ -157,7 +154,7 @@ def ranking_stream(config: ml_collections.ConfigDict) -> TripletStream:
       source, triplets_per_update=r.triplets_per_update, seed=config.seed,
       longer_side=inp.longer_side, size_multiple=inp.size_multiple, min_side=min_side(config),
       augment=aug.AugmentConfig.from_options(r.augment), mining_cfg=config.mining,
-      margin=config.loss.margin, pool_size=(inp.height, inp.width),
+      pool_size=(inp.height, inp.width),
       process_index=jax.process_index(), process_count=jax.process_count(),
       padded=padded_canvas(config) if r.mode == "padded" else None)
 
@@ -222,8 +219,15 @@ def make_embedder(config: ml_collections.ConfigDict, tta: str = "",
   return embed
 
 
+@functools.lru_cache(maxsize=8)
+def _split_shapes(dataset_json: str, split: str) -> np.ndarray:
+  """image_shapes of a split, read once per process (evaluation runs after each stage)."""
+  dataset = ml_collections.ConfigDict(json.loads(dataset_json))
+  return image_shapes(sources.open_split(dataset, split))
+
+
 def image_shapes(source: Any) -> np.ndarray:
-  """[N, 2] (height, width) of every record (reads each image header once)."""
+  """[N, 2] (height, width) of every record."""
   reader = pipeline.RecordReader(source)
   out = np.empty((len(reader), 2), np.int64)
   chunk = 512
@@ -246,7 +250,7 @@ def embed_split(config: ml_collections.ConfigDict, split: str, embed: embedding.
   labels = smp.read_labels(source)
   inp = config.input
   shapes = [sizes.target_shape(h, w, inp.longer_side, inp.size_multiple, min_side(config))
-            for h, w in image_shapes(source)]
+            for h, w in _split_shapes(config.dataset.to_json(), split)]
   reader = pipeline.RecordReader(source)
   bs = int(inp.eval_batch_size)
   out: dict[str, np.ndarray] = {}
