@@ -31,6 +31,7 @@ def time_jax(backbone: str, h: int, w: int, dtype: str, steps: int,
              warmup: int) -> tuple[float, float]:
   c = dare.get_config()
   c.model.backbone, c.model.dtype = backbone, dtype
+  c.model.pretrained = "none"  # timing only: random weights, no download
   c.input.height, c.input.width = h, w
   n = jax.local_device_count()
   state = parallel.replicate(train.create_train_state(jax.random.key(0), c))

@@ -38,6 +38,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # §3.1: ResNet-50 backbone; after each of the 4 stages GAP + FC1024 + BN + ReLU + FC128;
   # fused embedding = learned weighted sum of the stage embeddings.
   config.model.backbone = "resnet50"
+  config.model.pretrained = "imagenet"  # the paper fine-tunes ImageNet-trained backbones
   config.model.head = "dare"
   config.model.hidden_dim = 1024
   config.model.embed_dim = 128
@@ -63,7 +64,7 @@ def _apply_variant(config: ml_collections.ConfigDict, v: str) -> None:
     common.synthetic_overrides(config)
   elif v == "mobilenetv2":
     config.model.backbone = "mobilenetv2"
-    config.model.pretrained = common.MOBILENETV2_GLUON
+    config.model.pretrained = "imagenet"  # the Gluon weights (reid_jax.pretrained)
   elif v == "densenet201":
     config.model.backbone = "densenet201"  # DaRe(De), §5.
   elif v == "no_deep_supervision":

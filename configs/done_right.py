@@ -38,7 +38,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.model.backbone = "resnet101"        # seed: ResNet-101 main, ResNet-50 an option
   c.model.last_stride = 2
   c.model.embed_dim = 2048              # seed: FC to 2048, then l2
-  c.model.pretrained = ""               # ResNet-101 ImageNet weights: see README
+  c.model.pretrained = "imagenet"       # the paper: ImageNet-trained ResNet-101
   # Ours: a BatchNorm between the pooled feature and the stage-1 classifier (as the
   # classification family's IDE has). Without it the ImageNet MobileNetV2's GMP feature
   # (norm ~140: max-pooled ReLU6 maps) made SGD at lr 0.05 diverge on Market-1501: loss
@@ -116,7 +116,7 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
     c.model.width = 16
     c.model.last_stride = 1
     c.model.embed_dim = 64
-    c.model.pretrained = ""
+    c.model.pretrained = "none"         # resnet_small: no ImageNet weights exist
     c.optimizer.lr_mult = ml_collections.ConfigDict()
     c.train.steps = 300
     c.optimizer.decay_steps = (250,)
@@ -137,7 +137,7 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
       c.mining.top = 10
   elif v == "mobilenetv2":
     c.model.backbone = "mobilenetv2"
-    c.model.pretrained = common.MOBILENETV2_GLUON
+    c.model.pretrained = "imagenet"  # the Gluon weights (reid_jax.pretrained)
   elif v == "resnet50":
     c.model.backbone = "resnet50"
   elif v == "market_cpu":

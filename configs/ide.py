@@ -36,6 +36,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.input.sampler = "shuffle"
   c.input.batch_size = 32                 # train.py --batchsize 32
   c.model.backbone = "resnet50"            # ImageNet ResNet-50 (ft_net)
+  c.model.pretrained = "imagenet"          # model.py ft_net: models.resnet50(pretrained=True)
   c.model.last_stride = 2                  # ft_net stride=2 default
   c.model.bottleneck = 512                 # ClassBlock linear=512
   c.model.bottleneck_relu = False          # ClassBlock relu=False
@@ -66,7 +67,7 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
     common.classification_synthetic(c)
   elif v == "mobilenetv2":
     c.model.backbone = "mobilenetv2"
-    c.model.pretrained = common.MOBILENETV2_GLUON
+    c.model.pretrained = "imagenet"  # the Gluon weights (reid_jax.pretrained)
   elif v == "market_cpu":
     # The CPU budget (benchmarks/RESULTS.md): Market's own 128x64 crops, 3,000
     # steps of batch 32 (~7.4 epochs), x0.1 at 2,250 (the baseline's 2/3 -> 3/4 here).

@@ -30,6 +30,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.input.sampler = "shuffle"
   c.input.batch_size = 64                   # train_PCB.sh -b 64
   c.model.backbone = "resnet50"
+  c.model.pretrained = "imagenet"           # the paper: ImageNet-trained ResNet-50
   c.model.last_stride = 1                   # layer4[0] strides set to 1 (resnet.py)
   c.model.num_parts = 6                     # paper §3.1, p = 6
   c.model.reduce_dim = 256                  # --feature 256 (1x1 conv to 256)
@@ -69,7 +70,7 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
     c.eval.tta = ""
   elif v == "mobilenetv2":
     c.model.backbone = "mobilenetv2"
-    c.model.pretrained = common.MOBILENETV2_GLUON
+    c.model.pretrained = "imagenet"  # the Gluon weights (reid_jax.pretrained)
   elif v == "market_cpu":
     # 2-core CPU budget (benchmarks/RESULTS.md): Market's own 128x64 crops; with last
     # stride 1 the MobileNetV2 map is 8x4, cut into 4 stripes of 2 rows; batch 32,

@@ -28,6 +28,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.input.P = 18
   config.input.K = 4
   config.model.backbone = "resnet50"  # TriNet: ImageNet ResNet-50.
+  config.model.pretrained = "imagenet"  # TriNet fine-tunes an ImageNet ResNet-50
   config.model.head = "trinet"
   config.model.hidden_dim = 1024
   config.model.embed_dim = 128
@@ -43,7 +44,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       common.synthetic_overrides(config)
     elif v == "mobilenetv2":
       config.model.backbone = "mobilenetv2"
-      config.model.pretrained = common.MOBILENETV2_GLUON
+      config.model.pretrained = "imagenet"  # the Gluon weights (reid_jax.pretrained)
     elif v in ("resnet18", "resnet34", "resnet50", "resnet101"):
       config.model.backbone = v
     elif v in ("stages1", "stages2", "stages3"):

@@ -32,6 +32,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.input.neg_per_pos = 1.0
   c.input.neg_per_pos_end = 4.0
   c.model.backbone = "resnet50"
+  c.model.pretrained = "imagenet"          # the paper fine-tunes an ImageNet ResNet-50
   c.model.dropout = 0.5
   c.model.bottleneck = 512
   # resnet52_2stream.m: Dropout 0.9 on the squared difference before the 2-way fc.
@@ -63,7 +64,7 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
     c.input.neg_ramp_steps = c.train.steps
   elif v == "mobilenetv2":
     c.model.backbone = "mobilenetv2"
-    c.model.pretrained = common.MOBILENETV2_GLUON
+    c.model.pretrained = "imagenet"  # the Gluon weights (reid_jax.pretrained)
   elif v == "market_cpu":
     # 2-core CPU budget (benchmarks/RESULTS.md): 128x64, 16 pairs (32 images) per step
     # as the IDE recipe's 32 images, 3,000 steps, x0.1 at 2,250, lr as IDE's.

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
-
-# The ImageNet MobileNetV2 shipped beside the checkout (see README: "Pretrained weights").
-MOBILENETV2_GLUON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "..", "shared", "pretrained",
-                                 "mobilenetv2_1.0_imagenet_gluon.npz")
 
 
 def parse_variants(variant: str | None) -> list[str]:
@@ -63,7 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hidden_dim = 1024
   c.model.num_classes = 0
   c.model.dtype = "float32"         # "bfloat16": bf16 compute, fp32 master weights
-  c.model.pretrained = ""           # converted ImageNet weights (reid_jax.pretrained)
+  # "imagenet" (fetched and cached), a converted .npz, "none" (random init by design) or
+  # "" (random init, warned at train start); see reid_jax.pretrained. Every paper config
+  # sets "imagenet".
+  c.model.pretrained = ""
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "triplet"
@@ -164,7 +160,7 @@ def classification_synthetic(c: ml_collections.ConfigDict) -> None:
   c.model.width = 16
   c.model.last_stride = 1
   c.model.bottleneck = 128
-  c.model.pretrained = ""
+  c.model.pretrained = "none"       # resnet_small: no ImageNet weights exist
   c.optimizer.lr_mult = ml_collections.ConfigDict()  # no ImageNet backbone to protect
   c.optimizer.lr = 0.05
   c.train.steps = 1_500
@@ -193,7 +189,7 @@ def synthetic_overrides(c: ml_collections.ConfigDict) -> None:
   c.model.last_stride = 1
   c.model.hidden_dim = 256
   c.model.embed_dim = 64
-  c.model.pretrained = ""
+  c.model.pretrained = "none"       # resnet_small: no ImageNet weights exist
   # Not paper values: tuned so the README main job (2,400 steps, 8m52s in all on 2
   # cores) reaches fused mAP >= 0.9 (0.921 measured). A from-scratch model this small learns much faster at
   # lr 2e-3 (fused mAP 0.865 at 2,000 steps, vs 0.858 at 1e-3 and 0.802 at 3e-4);

@@ -1,6 +1,21 @@
-"""ImageNet weights for the backbones: torchvision/Gluon -> flax converter CLI and loader.
+"""ImageNet weights for the backbones: where they come from, a cache, a converter, a loader.
 
-Convert a torchvision state dict once, then load it into initialised variables:
+`config.model.pretrained` says what initialises the backbone (`resolve`):
+
+  "imagenet"  the backbone's ImageNet weights (`IMAGENET`): torchvision's published
+              files for ResNet-18/34/50/101 and DenseNet-201, downloaded on first use,
+              checked against the SHA-256 prefix in their names, converted, and cached
+              under $REID_JAX_CACHE (default ~/.cache/reid_jax); the GluonCV MobileNetV2
+              from the cache or ../shared/pretrained/ (it has no download link).
+  ""          random init, with a warning at train start (`announce`)
+  "none"      random init by design (synthetic configs, from-scratch methods)
+  a path      a converted `.npz` or any file `convert` accepts
+
+Ahead of time (e.g. on a cluster's login node, for compute nodes without internet):
+
+  python -m reid_jax.pretrained fetch --arch=resnet50
+
+Or convert a file yourself, then load it into initialised variables:
 
   python -m reid_jax.pretrained convert --arch=resnet50 \
       --input=resnet50-0676ba61.pth --output=resnet50.npz
@@ -10,8 +25,9 @@ Convert a torchvision state dict once, then load it into initialised variables:
 
 Our `.npz` format holds one array per flax variable, keyed by its flattened path
 (`params/layer1_0/conv1/kernel`, `batch_stats/layer1_0/bn1/mean`, ...; paths relative to
-the backbone) plus `__arch__`. Inputs: `.pth`/`.pt`/`.bin` (needs PyTorch, imported only
-then), `.safetensors` (needs the `safetensors` package) or `.npz` of torchvision names;
+the backbone) plus `__arch__`. Inputs: `.pth`/`.pt`/`.bin` (read without torch by a
+restricted unpickler, `reid_jax.torch_state`; torch is used only as a fallback),
+`.safetensors` (needs the `safetensors` package) or `.npz` of torchvision names;
 for mobilenetv2 the GluonCV npz (`mobilenetv2_1.0_imagenet_gluon.npz`). Name mappings
 are documented in `reid_jax.models.resnet`, `.densenet` and `.mobilenetv2`. Classifier
 weights (`fc.*`, `classifier.*`, `mobilenetv20_output_*`) and BN counters are dropped.
@@ -20,10 +36,14 @@ weights (`fc.*`, `classifier.*`, `mobilenetv20_output_*`) and BN counters are dr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
+import pickle
 import re
+import struct
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +53,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
+from reid_jax import download, torch_state
 from reid_jax.models.reid_model import BACKBONES
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet201", "mobilenetv2")
@@ -59,6 +80,34 @@ _TORCH_CLASSIFIERS = ("fc.", "classifier.")
 
 class PretrainedError(ValueError):
   """A one-line error naming the weights file and the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where an arch's ImageNet weights come from."""
+  filename: str       # the published file name (torchvision's embeds the hash prefix)
+  url: str            # "" when there is no download (put the file in the cache)
+  sha256_prefix: str  # checked on every download ("" = no published hash)
+  licence: str
+
+
+_TORCHVISION = "https://download.pytorch.org/models/"
+# torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py, densenet.py); the
+# hash prefix in each name is the start of the file's SHA-256 (torch.hub.check_hash).
+IMAGENET: dict[str, Source] = {
+    **{arch: Source(f"{arch}-{h}.pth", f"{_TORCHVISION}{arch}-{h}.pth", h,
+                    "BSD-3-Clause (torchvision)")
+       for arch, h in (("resnet18", "f37072fd"), ("resnet34", "b627a593"),
+                       ("resnet50", "0676ba61"), ("resnet101", "63fe2227"),
+                       ("densenet201", "c1103571"))},
+    # The ONNX model zoo's mobilenetv2-1.0, exported from GluonCV (../shared/README.md).
+    "mobilenetv2": Source("mobilenetv2_1.0_imagenet_gluon.npz", "", "",
+                          "Apache-2.0 (GluonCV)"),
+}
+# The Gluon MobileNetV2 shipped beside the checkout (../shared/pretrained/).
+SHARED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "..", "shared", "pretrained")
+RANDOM_INIT = ("", "none")
 
 
 def backbone_for_arch(arch: str, **kwargs: Any):
@@ -104,24 +153,38 @@ def _strip_module_prefix(state: dict[str, Any]) -> dict[str, Any]:
   return state
 
 
+def _unwrap(state: Any, path: str) -> Mapping[str, Any]:
+  """The state dict inside a checkpoint ({'state_dict': ...} / {'model': ...})."""
+  for wrapper in ("state_dict", "model"):
+    if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+      state = state[wrapper]
+  if not isinstance(state, Mapping):
+    raise PretrainedError(f"{path}: expected a state dict, found {type(state).__name__}")
+  return state
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
-  """Reads a PyTorch state dict; torch is imported only here."""
+  """Reads a PyTorch state dict without torch; falls back to torch.load if needed."""
+  try:
+    state = _unwrap(torch_state.load(path), path)
+    return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+  except torch_state.UnsupportedPickle as e:
+    restricted_error = str(e)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
+          struct.error, pickle.UnpicklingError) as e:
+    restricted_error = f"not a readable PyTorch file ({type(e).__name__}: {str(e)[:120]})"
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise PretrainedError(
-        f"{path}: reading .pth files needs PyTorch (pip install torch), "
+        f"{path}: {restricted_error}; reading it needs PyTorch (pip install torch), "
         "or supply the state dict as .safetensors or .npz"
     ) from None
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for unreadable files
     raise PretrainedError(f"{path}: cannot be read by torch.load: {str(e).splitlines()[0]}") from None
-  for wrapper in ("state_dict", "model"):
-    if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
-      state = state[wrapper]
-  if not isinstance(state, Mapping):
-    raise PretrainedError(f"{path}: expected a state dict, found {type(state).__name__}")
+  state = _unwrap(state, path)
   return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
           for k, v in state.items() if hasattr(v, "numpy")}
 
@@ -280,8 +343,125 @@ def convert(arch: str, input_path: str, output_path: str) -> dict[str, np.ndarra
   flat = load_backbone_arrays(input_path, arch)
   out_dir = os.path.dirname(os.path.abspath(output_path))
   os.makedirs(out_dir, exist_ok=True)
-  np.savez(output_path, **{ARCH_KEY: np.array(arch)}, **flat)
+  # Written beside the target and renamed: a killed conversion leaves no loadable file.
+  tmp = f"{output_path}.partial.{os.getpid()}.npz"
+  try:
+    np.savez(tmp, **{ARCH_KEY: np.array(arch)}, **flat)
+    os.replace(tmp, output_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return flat
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> str:
+  """$REID_JAX_CACHE, default ~/.cache/reid_jax."""
+  return os.path.expanduser(os.environ.get("REID_JAX_CACHE") or "~/.cache/reid_jax")
+
+
+def download_url(source: Source) -> str:
+  """The source's URL, or the same file name under $REID_JAX_WEIGHTS_MIRROR if set."""
+  mirror = os.environ.get("REID_JAX_WEIGHTS_MIRROR", "")
+  return f"{mirror.rstrip('/')}/{source.filename}" if mirror and source.url else source.url
+
+
+def cached_paths(arch: str) -> tuple[str, str]:
+  """(where the published file is kept, where its conversion is kept) in the cache."""
+  source = IMAGENET[arch]
+  stem = os.path.splitext(source.filename)[0]
+  root = os.path.join(cache_dir(), "imagenet")
+  return os.path.join(root, "downloads", source.filename), os.path.join(root, f"{stem}.npz")
+
+
+def _manual_steps(arch: str, raw: str, converted: str) -> str:
+  """How to provide the weights by hand (offline nodes, blocked links)."""
+  source = IMAGENET[arch]
+  where = f"get {source.url} " if source.url else f"get {source.filename} "
+  return (f"{where}and put it at {raw}, or run: python -m reid_jax.pretrained convert "
+          f"--arch={arch} --input={source.filename} --output={converted}")
+
+
+def fetch(arch: str, progress: bool = True) -> str:
+  """Path of `arch`'s converted ImageNet weights, downloading and converting on first use.
+
+  Order: the cached conversion; a published file already in the cache (verified, then
+  converted); a download (verified, then converted). Every file appears atomically.
+  Raises `PretrainedError` (one line: URL, file name, where to put it, the convert
+  command) when the weights cannot be had.
+  """
+  if arch not in IMAGENET:
+    raise PretrainedError(
+        f"config.model.pretrained='imagenet': no ImageNet weights exist for backbone "
+        f"{arch!r} (known: {', '.join(IMAGENET)}); set --config.model.pretrained=none "
+        "to train it from random initialisation")
+  source = IMAGENET[arch]
+  raw, converted = cached_paths(arch)
+  if os.path.isfile(converted):
+    return converted
+  if not source.url:  # Gluon MobileNetV2: no link; the cache or ../shared/pretrained.
+    for candidate in (raw, os.path.join(SHARED_DIR, source.filename)):
+      if os.path.isfile(candidate):
+        return candidate
+    raise PretrainedError(f"no {arch} ImageNet weights found: {_manual_steps(arch, raw, converted)}")
+  if os.path.isfile(raw):
+    digest = download.sha256_of(raw)
+    if not digest.startswith(source.sha256_prefix):
+      raise PretrainedError(
+          f"{raw}: SHA-256 {digest[:16]}... does not start {source.sha256_prefix} (not the "
+          f"published {source.filename}); delete it and run again")
+  else:
+    url = download_url(source)
+    try:
+      download.fetch(url, raw, source.sha256_prefix, progress=progress)
+    except download.DownloadError as e:
+      raise PretrainedError(f"{e}; {_manual_steps(arch, raw, converted)}") from None
+    except download.ChecksumError as e:
+      raise PretrainedError(str(e)) from None
+  convert(arch, raw, converted)
+  print(f"converted {raw} -> {converted}", file=sys.stderr, flush=True)
+  return converted
+
+
+def resolve(setting: str, arch: str) -> str | None:
+  """`config.model.pretrained` -> a weights file to load, or None for random init."""
+  if setting in RANDOM_INIT:
+    return None
+  if setting == "imagenet":
+    return fetch(arch)
+  path = os.path.expanduser(setting)
+  if not os.path.isfile(path):
+    raise PretrainedError(
+        f"config.model.pretrained={setting!r}: no such file; use 'imagenet' (fetched and "
+        "cached), 'none' (random init) or the path of a converted .npz")
+  return path
+
+
+def announce(model_cfg: Any) -> str | None:
+  """Checks (and fetches) `config.model.pretrained` before any work; returns a warning
+  line or None.
+
+  "" (random init without saying so) warns: every paper config starts from ImageNet
+  weights, so a user who trains from scratch should say "none".
+  """
+  setting = model_cfg.pretrained
+  if setting == "":
+    return (f"config.model.pretrained is empty: the {model_cfg.backbone} backbone trains "
+            "from random initialisation, not ImageNet weights; set "
+            "--config.model.pretrained=imagenet, or =none to silence this")
+  resolve(setting, model_cfg.backbone)  # fetches now: a failure stops the run before any work
+  return None
+
+
+def load_configured(variables: Mapping[str, Any], model_cfg: Any, truncated: bool = False
+                    ) -> Any:
+  """Loads the backbone weights `config.model.pretrained` names (no-op for random init)."""
+  path = resolve(model_cfg.pretrained, model_cfg.backbone)
+  if path is None:
+    return variables
+  return load_pretrained(variables, path, model_cfg.backbone, truncated=truncated)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -330,15 +510,22 @@ def load_pretrained(variables: Mapping[str, Any], path: str, arch: str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m reid_jax.pretrained convert --arch=... --input=... --output=...`."""
+  """`python -m reid_jax.pretrained {fetch,convert} ...`."""
   parser = argparse.ArgumentParser(prog="python -m reid_jax.pretrained", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
+  get = sub.add_parser("fetch", help="download, verify, convert and cache ImageNet weights "
+                       "(as pretrained='imagenet' does on first use)")
+  get.add_argument("--arch", required=True, choices=tuple(IMAGENET) + ("all",))
   conv = sub.add_parser("convert", help="convert torchvision/Gluon weights to our flax .npz")
   conv.add_argument("--arch", required=True, choices=ARCHS)
   conv.add_argument("--input", required=True, help=".pth/.pt/.bin, .safetensors or .npz")
   conv.add_argument("--output", required=True, help="output .npz")
   args = parser.parse_args(argv)
   try:
+    if args.command == "fetch":
+      for arch in IMAGENET if args.arch == "all" else (args.arch,):
+        print(f"{arch}: {fetch(arch)} ({IMAGENET[arch].licence})")
+      return 0
     flat = convert(args.arch, args.input, args.output)
   except PretrainedError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from reid_jax import methods
+from reid_jax import methods, pretrained
 from reid_jax.core import parallel
 from reid_jax.core import writer as writer_lib
 from reid_jax.core.errors import one_line_errors
@@ -43,6 +43,9 @@ def main(argv):
                                         FLAGS.process_id)
   logging.info("JAX processes %d, devices %d (local %d)", jax.process_count(),
                jax.device_count(), jax.local_device_count())
+  warning = pretrained.announce(FLAGS.config.model)
+  if warning:
+    logging.warning(warning)
   method.train_and_evaluate(FLAGS.config, FLAGS.workdir, evaluate_at_end=FLAGS.eval_at_end)
 
 

@@ -11,7 +11,9 @@ REID_JAX_SLOW_TESTS=1 to compare all four DenseNet-201 stages.
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 import subprocess
 import sys
 from collections import OrderedDict
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reid_jax import pretrained
+from reid_jax import pretrained, torch_state
 from reid_jax.models import BACKBONES, build_model
 from reid_jax.models.densenet import DenseNet
 from reid_jax.models.mobilenetv2 import mobilenetv2
@@ -413,10 +415,20 @@ def test_torch_key_mapping_and_bad_keys(tmp_path):
 
 
 def test_missing_torch_and_safetensors_give_one_line_errors(tmp_path, monkeypatch, capsys):
-  pth = tmp_path / "w.pth"
-  pth.write_bytes(b"not really a checkpoint")
+  # Without torch: a garbage file, and a legacy-format torch file holding more than
+  # tensors (the restricted reader refuses it); the one line says why and what to do.
   monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-  with pytest.raises(pretrained.PretrainedError, match=r"w.pth: .*pip install torch.*safetensors or .npz"):
+  garbage = tmp_path / "g.pth"
+  garbage.write_bytes(b"not really a checkpoint")
+  with pytest.raises(pretrained.PretrainedError,
+                     match=r"g.pth: not a readable PyTorch file \(UnpicklingError.*pip install torch"):
+    pretrained.read_arrays(str(garbage))
+  pth = tmp_path / "w.pth"
+  with open(pth, "wb") as f:
+    for obj in (torch_state.LEGACY_MAGIC, 1001, {}, datetime.date(2020, 1, 1), []):
+      pickle.dump(obj, f)
+  with pytest.raises(pretrained.PretrainedError,
+                     match=r"w.pth: refuses to unpickle datetime.date .*pip install torch.*safetensors or .npz"):
     pretrained.read_arrays(str(pth))
   assert pretrained.main(["convert", "--arch=resnet50", f"--input={pth}", f"--output={tmp_path / 'o.npz'}"]) == 2
   err = capsys.readouterr().err.strip()

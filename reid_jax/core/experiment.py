@@ -17,6 +17,16 @@ from reid_jax.core.writer import MetricWriter
 
 # The config sections a resumed run must share with the one that wrote the workdir.
 RESUME_KEYS = ("method", "dataset", "model", "loss", "input")
+# Fields of those sections that only choose the initial weights, which a checkpoint
+# replaces: a resumed run may name them differently (e.g. a weights file that moved).
+INIT_ONLY = {"model": ("pretrained",)}
+
+
+def _resume_view(section_name: str, section):
+  """The part of a config section that must match to resume."""
+  if not isinstance(section, dict):
+    return section
+  return {k: v for k, v in section.items() if k not in INIT_ONLY.get(section_name, ())}
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -33,7 +43,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
   with open(path) as f:
     old = json.load(f)
   for key in RESUME_KEYS:
-    if old.get(key, "" if key == "method" else None) != new.get(key):
+    if (_resume_view(key, old.get(key, "" if key == "method" else None))
+        != _resume_view(key, new.get(key))):
       raise ValueError(
           f"{workdir} holds a run with a different config.{key} (see {path}); use a new "
           "--workdir or the same config to resume")

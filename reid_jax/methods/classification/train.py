@@ -31,7 +31,7 @@ from reid_jax.data import samplers as smp
 from reid_jax.methods.classification import losses, models
 from reid_jax.models import BACKBONES
 from reid_jax.models.reid_model import DTYPES, make_backbone
-from reid_jax.pretrained import load_pretrained
+from reid_jax.pretrained import load_configured
 
 AXIS = parallel.AXIS
 METHODS = tuple(losses.LOSSES)
@@ -147,8 +147,8 @@ def init_variables(rng: jax.Array, config: ml_collections.ConfigDict, classes: i
   x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
   variables = state_lib.run_once(functools.partial(model.init, train=False),
                                  {"params": rng, "dropout": rng}, x)
-  if pretrained and config.model.pretrained:
-    variables = load_pretrained(variables, config.model.pretrained, config.model.backbone)
+  if pretrained:
+    variables = load_configured(variables, config.model)
   return variables
 
 

@@ -23,7 +23,7 @@ from reid_jax.core.state import TrainState
 from reid_jax.data import pipeline, sources
 from reid_jax.methods.dare import loss as loss_lib
 from reid_jax.models import build_model
-from reid_jax.pretrained import load_pretrained
+from reid_jax.pretrained import load_configured
 
 AXIS = parallel.AXIS
 
@@ -47,9 +47,8 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict) -> Tra
   model = eval_model(config)
   x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
   variables = state_lib.run_once(functools.partial(model.init, train=False), rng, x)
-  if config.model.pretrained:
-    variables = load_pretrained(variables, config.model.pretrained, config.model.backbone,
-                                truncated=config.model.get("num_stages", 4) < 4)
+  variables = load_configured(variables, config.model,
+                              truncated=config.model.get("num_stages", 4) < 4)
   tx = optim.make_optimizer(config.optimizer, config.train.steps, variables["params"])
   return state_lib.create(model.apply, variables, tx)
 
@@ -142,7 +141,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
   # The checkpoint holds every weight: build the template without reading the
   # ImageNet file (faster, and the run still evaluates if that file has moved).
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.pretrained = ""
+  config.model.pretrained = "none"
   template = create_train_state(jax.random.key(0), config)
   return experiment.restore_variables(loop.stage_dir(workdir), template, step)
 

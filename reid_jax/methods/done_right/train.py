@@ -42,7 +42,7 @@ from reid_jax.methods.done_right.step import SequentialTripletStep, padded_step
 from reid_jax.methods.done_right.stream import TripletStream
 from reid_jax.models import BACKBONES
 from reid_jax.models.reid_model import DTYPES, make_backbone
-from reid_jax.pretrained import load_pretrained
+from reid_jax.pretrained import load_configured
 
 AXIS = parallel.AXIS
 STAGES = ("classification", "ranking")
@@ -80,8 +80,8 @@ def init_variables(rng: jax.Array, config: ml_collections.ConfigDict, classes: i
   model = build_model(config, classes)
   x = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
   variables = state_lib.run_once(functools.partial(model.init, train=False), rng, x)
-  if pretrained and config.model.pretrained:
-    variables = load_pretrained(variables, config.model.pretrained, config.model.backbone)
+  if pretrained:
+    variables = load_configured(variables, config.model)
   return variables
 
 
