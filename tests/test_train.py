@@ -1,11 +1,11 @@
-"""The training system: pmap equivalence, exact resume, multi-process equivalence, CLIs."""
+"""The training system: pmap equivalence, exact resume, CLIs (multi-process runs:
+tests/test_launch.py)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -139,12 +139,6 @@ def test_resume_refuses_different_model(data_dir, tmp_path):
     train.train_and_evaluate(c, wd, evaluate_at_end=False)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _train_cmd(data_dir, workdir, steps=3):
   return [sys.executable, "-m", "reid_jax.train", "--config=configs/dare.py:synthetic",
           f"--workdir={workdir}", "--config.dataset.builder_config=tiny",
@@ -170,36 +164,6 @@ def _env(n_devices, cache=True):
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
   return env
-
-
-def test_two_processes_equal_one_process(data_dir, tmp_path):
-  """2 processes x 4 CPU devices (jax.distributed on localhost) == 1 process x 8 devices."""
-  one = str(tmp_path / "one")
-  subprocess.run(_train_cmd(data_dir, one) + ["--noeval_at_end"], cwd=REPO, env=_env(8),
-                 check=True, capture_output=True, timeout=600)
-  two = str(tmp_path / "two")
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _train_cmd(data_dir, two) + ["--noeval_at_end", f"--coordinator_address=localhost:{port}",
-                                   "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=_env(4, cache=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-      for i in range(2)]
-  outs = [p.communicate(timeout=900)[0].decode() for p in procs]
-  assert all(p.returncode == 0 for p in procs), "\n".join(
-      f"--- process {i} (exit {p.returncode}):\n{out[-2000:]}"
-      for i, (p, out) in enumerate(zip(procs, outs)))
-  c = tiny_config(data_dir, steps=3)
-  va, sa = _params(one, c)
-  vb, sb = _params(two, c)
-  assert sa == sb == 3
-  # Same data and the same losses at every step...
-  la = [l["train/loss"] for l in map(json.loads, open(os.path.join(one, "metrics.jsonl")))]
-  lb = [l["train/loss"] for l in map(json.loads, open(os.path.join(two, "metrics.jsonl")))]
-  assert len(la) == len(lb) == 3
-  np.testing.assert_allclose(la, lb, rtol=1e-5)
-  # ...and the same parameters, up to float32 reduction order across processes.
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), va, vb)
 
 
 def test_load_ensemble_reads_saved_configs_and_refuses_duplicates(tmp_path):

@@ -63,13 +63,31 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  process_id: int | None = None) -> None:
   """Calls jax.distributed.initialize() when launched as one of several processes.
 
-  Explicit flags win; otherwise SLURM (`SLURM_NTASKS > 1`) or `REID_JAX_DISTRIBUTED=1`
-  (Cloud TPU VMs) let JAX auto-detect the cluster.
+  In order of precedence: explicit flags; `REID_JAX_COORDINATOR` (host:port),
+  `REID_JAX_NUM_PROCESSES` and `REID_JAX_PROCESS_ID` (all three, from the environment:
+  a cluster JAX cannot detect, e.g. the fake TPU VM of tests/fake_cluster/gcloud);
+  otherwise SLURM (`SLURM_NTASKS > 1`) or `REID_JAX_DISTRIBUTED=1` (Cloud TPU VMs) let
+  JAX auto-detect the cluster. Every multi-process path uses gloo for cross-process
+  collectives on CPU (tests, debugging); that setting only concerns the CPU backend,
+  so GPU and TPU runs are unaffected.
   """
-  if coordinator_address or (num_processes or 1) > 1:
-    # CPU-only multi-process runs (tests, debugging) need gloo for cross-process collectives.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  names = ("REID_JAX_COORDINATOR", "REID_JAX_NUM_PROCESSES", "REID_JAX_PROCESS_ID")
+  given = {n: os.environ.get(n, "") for n in names}
+  explicit = bool(coordinator_address) or (num_processes or 1) > 1
+  if not explicit and any(given.values()):
+    if not all(given.values()) or not all(given[n].isdigit() for n in names[1:]):
+      raise ValueError(f"{', '.join(f'{n}={v!r}' for n, v in given.items())}: set all "
+                       "three (host:port, a count, an index) or none")
+    coordinator_address, num_processes, process_id = (
+        given[names[0]], int(given[names[1]]), int(given[names[2]]))
+    explicit = True
+  auto = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get(
+      "REID_JAX_DISTRIBUTED") == "1"
+  if not (explicit or auto):
+    return
+  # Recent JAX defaults to gloo; older versions had no CPU cross-process collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get(
-      "REID_JAX_DISTRIBUTED") == "1":
+  else:
     jax.distributed.initialize()  # SLURM / Cloud TPU: auto-detected.
