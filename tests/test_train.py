@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -87,17 +86,25 @@ def test_pmap_8_devices_equals_1_device():
       s8.batch_stats, s1.batch_stats)
 
 
-def test_per_device_mining_differs_from_global():
-  """Per-device mining sees fewer negatives, so its loss is a different number."""
+def test_per_device_mining_is_the_mean_of_each_devices_own_loss():
+  """mining='device' (as separate GPUs would mine): the loss is the mean over devices of
+  the loss each device's slice gives alone (each slice here holds 2 identities x 4)."""
   c = tiny_config("/nonexistent")
   c.input.P, c.input.K = 4, 4
-  rng = np.random.default_rng(1)
-  batches = [{"image": rng.normal(size=(16, 32, 16, 3)).astype(np.float32),
-              "person_id": np.repeat(np.arange(4), 4).astype(np.int32)}]
-  _, mg = _run_steps(c, 4, batches)
   c.loss.mining = "device"
-  _, md = _run_steps(c, 4, batches)
-  assert abs(float(mg["loss"]) - float(md["loss"])) > 1e-4
+  c.train.sync_bn = False  # each device's BatchNorm statistics its own, as on its own
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.normal(size=(16, 32, 16, 3)).astype(np.float32),
+           "person_id": np.repeat(np.arange(4), 4).astype(np.int32)}
+  _, m2 = _run_steps(c, 2, [batch])
+  state = parallel.replicate(train.create_train_state(jax.random.key(0), c),
+                             devices=jax.devices()[:1])
+  step = jax.pmap(functools.partial(train.train_step, model=train.training_model(c), config=c),
+                  axis_name=parallel.AXIS, devices=jax.devices()[:1])
+  alone = [float(parallel.unreplicate(step(state, parallel.shard(
+      {k: v[i * 8:(i + 1) * 8] for k, v in batch.items()}, 1))[1])["loss"]) for i in (0, 1)]
+  np.testing.assert_allclose(float(m2["loss"]), np.mean(alone), rtol=1e-5)
+  assert abs(alone[0] - alone[1]) > 1e-4  # two different slices, not one loss twice
 
 
 class _Interrupt(Exception):
@@ -131,12 +138,16 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
 
 
 def test_resume_refuses_different_model(data_dir, tmp_path):
+  """A workdir holding a checkpoint of another model is refused before any work (the
+  saved run is faked: its config.json and a finished step folder are what is checked)."""
   c = tiny_config(data_dir, steps=2)
-  wd = str(tmp_path / "run")
-  train.train_and_evaluate(c, wd, evaluate_at_end=False)
+  wd = tmp_path / "run"
+  (wd / "checkpoints" / "2").mkdir(parents=True)
+  (wd / "config.json").write_text(c.to_json())
   c.model.embed_dim = 4
   with pytest.raises(ValueError, match="different config.model"):
-    train.train_and_evaluate(c, wd, evaluate_at_end=False)
+    train.train_and_evaluate(c, str(wd), evaluate_at_end=False)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["2"]
 
 
 def _train_cmd(data_dir, workdir, steps=3):
@@ -156,10 +167,8 @@ def _train_cmd(data_dir, workdir, steps=3):
           "--config.train.eval_every=0", "--config.train.log_every=1"]
 
 
-def _env(n_devices, cache=True):
+def _env(n_devices):
   env = dict(os.environ)
-  if not cache:
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
