@@ -28,6 +28,7 @@ METHODS: dict[str, str] = {
     "verif_ident": "reid_jax.methods.classification",
     "apr": "reid_jax.methods.classification",
     "done_right": "reid_jax.methods.done_right",
+    "msp_cnn": "reid_jax.methods.msp_cnn",
 }
 
 
