@@ -277,6 +277,26 @@ def test_old_checkpoints_rotate_out_only_after_the_new_one_reads_back(tmp_path, 
   ck.close()
 
 
+def test_a_failed_read_back_with_several_processes_leaves_the_checkpoint_in_place(
+    tmp_path, monkeypatch, capfd):
+  """With several processes a failed read-back may be a peer dying mid-read, not damage:
+  the new checkpoint stays where it is (and restores), nothing is moved aside."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=2)
+  state = state_lib.create(None, {"params": {"w": jnp.ones(())}}, optax.sgd(0.1))
+  assert ck.save(2, state, None)
+  real = ckpt_lib.Checkpointer.readable
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "readable",
+                      lambda self, step: step != 4 and real(self, step))
+  monkeypatch.setattr(ckpt_lib, "_several_processes", lambda: True)
+  assert not ck.save(4, state, None)
+  assert "left in place" in capfd.readouterr().err
+  assert ck.all_steps() == [2, 4] and not os.path.exists(str(tmp_path / "ck") + ".unreadable")
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "readable", real)
+  restored, step = ck.restore_newest_readable(state)
+  assert step == 4 and float(restored.params["w"]) == 1.0
+  ck.close()
+
+
 _KILLED_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

@@ -18,6 +18,10 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _several_processes() -> bool:
+  return jax.process_count() > 1
+
+
 def _drop_closed_loop_reports() -> None:
   """After a failed restore, drops the reports of its leftover reads.
 
@@ -65,7 +69,10 @@ class Checkpointer:
     """Saves, waits for the write, reads it back, then rotates the oldest out.
 
     Returns False (one line on stderr; the older checkpoints all kept) when the new
-    checkpoint cannot be read back; it is then moved aside, like a damaged one.
+    checkpoint cannot be read back; it is then moved aside, like a damaged one. With
+    several processes it is left in place instead: a peer that died during the read
+    makes an intact checkpoint look damaged, and moving it would lose it; a resume
+    checks it again (`restore_newest_readable`).
     """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
@@ -73,6 +80,12 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.manager.wait_until_finished()
     if not self.readable(step):
+      if _several_processes():
+        print(f"checkpoint {step} in {self.directory} could not be read back after saving "
+              "(damaged, or another process failed during the read); left in place for "
+              "a resume to check; the older checkpoints are kept", file=sys.stderr,
+              flush=True)
+        return False
       moved = self._move_aside(step)
       print(f"checkpoint {step} in {self.directory} could not be read back after saving; "
             f"moved to {moved}; the older checkpoints are kept", file=sys.stderr,
