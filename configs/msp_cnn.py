@@ -11,6 +11,7 @@ Market-1501 81.9 rank-1 / 63.6 mAP (single query).
 
 Variants:
   synthetic     the embedded synthetic set, a narrow network, CPU-sized (tests, smoke)
+  jstl_poly     the JSTL joint-model solver instead (SGD lr 0.01, poly power 0.5)
   softmax_only  the ablation: the identity loss alone, one stage
   market_cpu    the 2-core CPU budget for Market-1501 (benchmarks/RESULTS.md)
 """
@@ -97,6 +98,11 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
     c.train.ncc_steps = 150
     c.train.log_every = 50
     c.train.checkpoint_every = 300
+  elif v == "jstl_poly":
+    # JSTL models/dgd/jstl_solver.prototxt (the joint model): lr 0.01, "poly" power 0.5.
+    c.optimizer.lr = 0.01
+    c.optimizer.schedule = "poly"
+    c.optimizer.power = 0.5
   elif v == "softmax_only":
     c.loss.euclid_weight = 0.0
     c.train.ncc_steps = 0
@@ -108,4 +114,4 @@ def _apply_variant(c: ml_collections.ConfigDict, v: str) -> None:
     c.train.checkpoint_every = 500
   else:
     raise ValueError(f"unknown configs/msp_cnn.py variant {v!r}; choose from synthetic, "
-                     "softmax_only, market_cpu")
+                     "jstl_poly, softmax_only, market_cpu")

@@ -87,6 +87,16 @@ def test_adam_schedule_and_single_group_lr():
   np.testing.assert_allclose(lrs, expected, rtol=1e-5)
 
 
+def test_poly_schedule_is_caffes():
+  """schedule='poly': Caffe's lr_policy "poly", base * (1 - t / T)^power (JSTL solver)."""
+  c = config_lib.base_config().optimizer
+  c.name, c.schedule, c.lr, c.power = "sgd", "poly", 0.01, 0.5
+  sched = optim.make_schedule(c, 20)
+  got = [float(sched(t)) for t in (0, 5, 10, 19, 20, 25)]
+  want = [0.01 * (1 - min(t, 20) / 20) ** 0.5 for t in (0, 5, 10, 19, 20, 25)]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_accumulation_equals_mean_gradient_step():
   """optax.MultiSteps over k calls == one step on the mean of the k gradients."""
   rng = np.random.default_rng(1)

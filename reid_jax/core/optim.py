@@ -9,6 +9,9 @@
     with a step-decay schedule (`lr * decay_factor^k` after the k-th of `decay_steps`)
     as the classification baselines train.
 
+`config.optimizer.schedule` overrides the optimiser's own: `constant`, or `poly`
+(Caffe's lr_policy "poly": lr * (1 - t / T)^power, T = the stage's steps).
+
 Parameter groups: `config.optimizer.lr_mult` maps a top-level parameter name (e.g.
 `backbone`) to a learning-rate multiplier (the IDE baseline trains the ImageNet
 backbone at 0.1x the new layers' rate); the rest use 1x. Built with
@@ -30,7 +33,7 @@ import numpy as np
 import optax
 
 NAMES = ("adam", "sgd")
-SCHEDULES = ("trinet", "step", "constant")
+SCHEDULES = ("trinet", "step", "constant", "poly")
 DEFAULT_GROUP = "default"
 
 
@@ -66,6 +69,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable:
     return step_decay(cfg.lr, tuple(cfg.get("decay_steps", ())), cfg.get("decay_factor", 0.1))
   if name == "constant":
     return optax.constant_schedule(cfg.lr)
+  if name == "poly":  # Caffe's "poly": lr (1 - t / T)^power, 0 at T
+    return optax.polynomial_schedule(cfg.lr, 0.0, float(cfg.get("power", 0.5)),
+                                     max(int(total_steps), 1))
   raise ValueError(f"config.optimizer.schedule={name!r}: use one of {SCHEDULES}")
 
 
