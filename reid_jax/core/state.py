@@ -20,6 +20,31 @@ def create(apply_fn: Any, variables: Any, tx: optax.GradientTransformation) -> T
                            batch_stats=variables.get("batch_stats", {}))
 
 
+def loss_step(state: TrainState, images: Any, rng: jax.Array, loss_fn: Callable, *,
+              model: Any, axis_name: str, apply_kwargs: dict | None = None
+              ) -> tuple[TrainState, dict]:
+  """One gradient step of `loss_fn(model outputs) -> (loss, metrics)` on this device's
+  images (inside pmap): dropout keys differ per device, BatchNorm statistics update,
+  gradients and statistics are averaged over `axis_name`; metrics get loss and
+  grad_norm and are averaged too."""
+  rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+  def compute_loss(params):
+    out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                images, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": rng}, **(apply_kwargs or {}))
+    loss, metrics = loss_fn(out)
+    return loss, (new_vars["batch_stats"], metrics)
+
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
+      compute_loss, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, axis_name)
+  batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  return new_state, jax.lax.pmean(metrics, axis_name)
+
+
 def variables(state: TrainState) -> dict[str, Any]:
   """The model variables of a state, as `model.apply` takes them."""
   return {"params": state.params, "batch_stats": state.batch_stats}

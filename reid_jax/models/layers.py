@@ -137,3 +137,8 @@ def check_max_stage(max_stage: int | None) -> int:
   if not 1 <= int(max_stage) <= NUM_STAGES:
     raise ValueError(f"max_stage must be in 1..{NUM_STAGES} or None, got {max_stage}")
   return int(max_stage)
+
+
+def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+  """x / |x| over the last axis (a zero vector stays zero)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from reid_jax.core import embedding, evaluators, experiment, loop, optim, parallel
 from reid_jax.core import state as state_lib
@@ -30,6 +29,7 @@ from reid_jax.data import pipeline, sources
 from reid_jax.data import samplers as smp
 from reid_jax.methods.classification import losses, models
 from reid_jax.models import BACKBONES
+from reid_jax.models.layers import l2_normalize
 from reid_jax.models.reid_model import DTYPES, make_backbone
 from reid_jax.pretrained import load_configured
 
@@ -163,32 +163,14 @@ def create_train_state(variables: dict, config: ml_collections.ConfigDict, class
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, config,
                loss_fn: Callable) -> tuple[TrainState, dict]:
   """One SGD step on this device's slice (inside pmap); dropout keys differ per device."""
-  rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
   pairs = "image_a" in batch
   images = jnp.concatenate([batch["image_a"], batch["image_b"]]) if pairs else batch["image"]
-
-  def compute_loss(params):
-    kw = {"pairs": True} if pairs else {}
-    out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                images, train=True, mutable=["batch_stats"],
-                                rngs={"dropout": rng}, **kw)
-    loss, metrics = loss_fn(out, batch, config.loss)
-    return loss, (new_vars["batch_stats"], metrics)
-
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
-      compute_loss, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
-  batch_stats = jax.lax.pmean(batch_stats, AXIS)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-  return new_state, jax.lax.pmean(metrics, AXIS)
+  return state_lib.loss_step(state, images, rng, lambda out: loss_fn(out, batch, config.loss),
+                             model=model, axis_name=AXIS,
+                             apply_kwargs={"pairs": True} if pairs else None)
 
 
 # ----------------------------------------------------------------------------- embedding
-
-
-def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def make_embedder(config: ml_collections.ConfigDict, tta: str = "",

@@ -13,13 +13,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from reid_jax.models.layers import Dtype
+from reid_jax.models.layers import Dtype, l2_normalize
 
 _classifier_init = nn.initializers.normal(0.001)  # as the classification family's IDE
-
-
-def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class DoneRightModel(nn.Module):

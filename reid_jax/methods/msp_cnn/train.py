@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from reid_jax.core import embedding, evaluators, experiment, loop, optim, parallel
 from reid_jax.core import state as state_lib
@@ -29,6 +28,7 @@ from reid_jax.data import identities, pipeline, sources
 from reid_jax.losses.classification import cross_entropy, top1
 from reid_jax.methods.msp_cnn import ncc
 from reid_jax.methods.msp_cnn.model import JSTLNet
+from reid_jax.models.layers import l2_normalize
 from reid_jax.models.reid_model import DTYPES
 
 AXIS = parallel.AXIS
@@ -66,10 +66,6 @@ def create_train_state(variables: dict, config: ml_collections.ConfigDict, class
 # ----------------------------------------------------------------------------- loss
 
 
-def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def contrastive_loss(fa: jnp.ndarray, fb: jnp.ndarray, same: jnp.ndarray, margin: float
                      ) -> jnp.ndarray:
   """Mean of y d^2 + (1 - y) max(0, margin - d)^2 over pairs, d = |fa - fb| of the
@@ -101,23 +97,10 @@ def pair_loss(out: dict, batch: dict, loss_cfg: ml_collections.ConfigDict, use_n
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, config,
                use_ncc: bool) -> tuple[TrainState, dict]:
   """One SGD step on this device's pairs (inside pmap); dropout keys differ per device."""
-  rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
   images = jnp.concatenate([batch["image_a"], batch["image_b"]])
-
-  def compute_loss(params):
-    out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                images, train=True, mutable=["batch_stats"],
-                                rngs={"dropout": rng})
-    loss, metrics = pair_loss(out, batch, config.loss, use_ncc)
-    return loss, (new_vars["batch_stats"], metrics)
-
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
-      compute_loss, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
-  batch_stats = jax.lax.pmean(batch_stats, AXIS)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-  return new_state, jax.lax.pmean(metrics, AXIS)
+  return state_lib.loss_step(state, images, rng,
+                             lambda out: pair_loss(out, batch, config.loss, use_ncc),
+                             model=model, axis_name=AXIS)
 
 
 # ----------------------------------------------------------------------------- data
