@@ -2,6 +2,12 @@
 
     python benchmarks/evaluation.py                 # everything (~15-25 min on 2 cores)
     python benchmarks/evaluation.py --skip_rerank_reference --skip_1m   # quick look
+    # Market-scale re-ranking and evaluate_rank, before/after, with phase times
+    # (the reference loop's output is cached in --cache_dir after the first run):
+    git show HEAD:reid_jax/evaluation/rerank.py > /tmp/rerank_before.py
+    git show HEAD:reid_jax/evaluation/metrics.py > /tmp/metrics_before.py
+    python benchmarks/evaluation.py --dims=128 --skip_1m --phases --cache_dir=/tmp/eval_cache \
+        --before_rerank=/tmp/rerank_before.py --before_metrics=/tmp/metrics_before.py
 
 Prints one table, side by side, on Market-scale random data (3,368 queries,
 19,732 gallery items: 750 identities in 6 cameras, 2,793 id-0 distractors,
@@ -9,15 +15,27 @@ Prints one table, side by side, on Market-scale random data (3,368 queries,
 noise):
   * evaluate_rank: torchreid-style per-query numpy loop vs ours (identical to 1e-6);
   * re-ranking: the published algorithm item by item (per-row numpy loops) vs
-    ours, each in its own process for peak memory (max RSS, inputs included);
+    ours, from the three distance matrices and from the embeddings (the
+    low-memory path), each in its own process for peak memory (max RSS,
+    inputs included);
   * the streaming exact evaluator on 10,000 queries x 1,000,000 gallery items
     at 128-d (no [Q, G] matrix), plus a check that it equals `evaluate_rank` on
     the full matrix for a 200-query slice.
+Times are wall-clock and process CPU time (all threads; on a machine shared
+with other jobs wall time is inflated, CPU time much less so): the first run
+in a fresh process ("cold": includes first-touch page faults of the output),
+and the minimum over --repeats runs. --before_rerank / --before_metrics load
+another implementation (a file with the same functions, e.g. an older
+revision) and add its rows, for before/after tables; --phases adds the time of
+each re-ranking phase (neighbour search, k-reciprocal sets, V weights, local
+query expansion, Jaccard, final combination).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -185,20 +203,107 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker_rerank(method: str, data_dir: str) -> dict:
-  qg = np.load(os.path.join(data_dir, "qg.npy"))
-  qq = np.load(os.path.join(data_dir, "qq.npy"))
-  gg = np.load(os.path.join(data_dir, "gg.npy"))
-  start_rss = _peak_rss_gb()
-  t0 = time.perf_counter()
-  if method == "reference":
-    out = loop_re_ranking(qg, qq, gg)
+def _cpu_seconds() -> float:
+  use = resource.getrusage(resource.RUSAGE_SELF)
+  return use.ru_utime + use.ru_stime
+
+
+def load_impl(path: str | None, name: str):
+  """The library module reid_jax.evaluation.<name>, or the same from another file."""
+  if not path:
+    return importlib.import_module(f"reid_jax.evaluation.{name}")
+  spec = importlib.util.spec_from_file_location(f"reid_jax.evaluation._bench_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+# Re-ranking phases: (label, functions whose exclusive time it is). What no
+# function covers (input checks, normalisation, the neighbour search itself in
+# older revisions, distances on device in the embeddings path) is "neighbour search".
+PHASES = (("k-reciprocal sets", ("k_reciprocal_sets",)),
+          ("V weights", ("encode",)),
+          ("local query expansion", ("query_expansion",)),
+          ("Jaccard", ("jaccard_terms", "jaccard_sums", "jaccard_rows")),
+          ("final combination", ("_final",)))
+
+
+class PhaseTimer:
+  """Wraps module functions; exclusive wall / CPU seconds per function."""
+
+  def __init__(self, mod):
+    self.stats: dict[str, list[float]] = {}
+    self._stack: list[list[float]] = []
+    for _, names in PHASES:
+      for name in names:
+        if hasattr(mod, name):
+          setattr(mod, name, self._wrap(name, getattr(mod, name)))
+
+  def _wrap(self, name, fn):
+    @functools.wraps(fn)
+    def timed(*a, **k):
+      self._stack.append([0.0, 0.0])
+      t0, c0 = time.perf_counter(), _cpu_seconds()
+      try:
+        return fn(*a, **k)
+      finally:
+        dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
+        child = self._stack.pop()
+        s = self.stats.setdefault(name, [0.0, 0.0])
+        s[0] += dt - child[0]
+        s[1] += dc - child[1]
+        if self._stack:
+          self._stack[-1][0] += dt
+          self._stack[-1][1] += dc
+    return timed
+
+  def phases(self, wall: float, cpu: float) -> dict[str, list[float]]:
+    out = {}
+    for label, names in PHASES:
+      got = [self.stats[n] for n in names if n in self.stats]
+      if got:
+        out[label] = [sum(g[0] for g in got), sum(g[1] for g in got)]
+    out = {"neighbour search": [wall - sum(v[0] for v in out.values()),
+                                cpu - sum(v[1] for v in out.values())], **out}
+    self.stats.clear()
+    return out
+
+
+def worker_rerank(method: str, data_dir: str, args) -> dict:
+  """re_ranking ("ref", "ours", "before") or re_ranking_from_embeddings ("emb_*")."""
+  emb = method.startswith("emb_")
+  if emb:
+    lab = np.load(os.path.join(data_dir, "emb.npz"))
+    inputs = (lab["q"], lab["g"])
   else:
-    from reid_jax.evaluation import re_ranking
-    out = re_ranking(qg, qq, gg)
-  secs = time.perf_counter() - t0
-  np.save(os.path.join(data_dir, f"rr_{method}.npy"), out)
-  return {"seconds": secs, "peak_rss_gb": _peak_rss_gb(), "rss_before_gb": start_rss}
+    inputs = tuple(np.load(os.path.join(data_dir, f"{n}.npy")) for n in ("qg", "qq", "gg"))
+  mod = load_impl(args.before_rerank if method.endswith("before") else None, "rerank")
+  start_rss = _peak_rss_gb()  # inputs + interpreter + numpy/scipy/JAX
+  timer = None
+  if method == "reference":
+    fn = loop_re_ranking
+    repeats = 1
+  else:
+    timer = PhaseTimer(mod) if args.phases else None
+    fn = mod.re_ranking_from_embeddings if emb else mod.re_ranking
+    if args.threads and "num_threads" in fn.__code__.co_varnames:
+      fn = functools.partial(fn, num_threads=args.threads)
+    repeats = args.repeats
+  runs, phases = [], []
+  out = None
+  for _ in range(repeats):
+    out = None  # the previous output is freed first
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    out = fn(*inputs)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    runs.append((wall, cpu))
+    if timer is not None:
+      phases.append(timer.phases(wall, cpu))
+    if len(runs) == 1:
+      peak = _peak_rss_gb()
+      np.save(os.path.join(data_dir, f"rr_{method}.npy"), out)
+  return {"runs": runs, "peak_rss_gb": peak, "rss_before_gb": start_rss, "phases": phases,
+          "load": os.getloadavg()[0]}
 
 
 def worker_million(args) -> dict:
@@ -241,8 +346,29 @@ def run_worker(argv: list[str]) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def bench_evaluate_rank(dim: int, rows: list, data_dir: str | None, do_rerank_ref: bool):
-  from reid_jax.evaluation import evaluate_rank, pairwise_distance
+def _fmt_runs(runs) -> str:
+  runs = np.asarray(runs)
+  return (f"{runs[0, 0]:.2f} s wall / {runs[0, 1]:.2f} s CPU cold; best of {len(runs)}: "
+          f"{runs[:, 0].min():.2f} s wall / {runs[:, 1].min():.2f} s CPU")
+
+
+def _time_evaluate(fn, args, repeats: int):
+  runs, res = [], None
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    res = fn(*args)
+    runs.append((time.perf_counter() - t0, _cpu_seconds() - c0))
+  return res, np.asarray(runs)
+
+
+def _metrics_diff(a: dict, b: dict) -> float:
+  return max(float(np.abs(a["cmc"] - b["cmc"]).max()), abs(a["mAP"] - b["mAP"]),
+             abs(a["mINP"] - b["mINP"]))
+
+
+def bench_evaluate_rank(dim: int, rows: list, data_dir: str | None, do_rerank_ref: bool,
+                        args, phase_lines: list):
+  from reid_jax.evaluation import pairwise_distance
   q, g, qp, gp, qc, gc = market_like(dim)
   t0 = time.perf_counter()
   dist = pairwise_distance(q, g)
@@ -250,37 +376,77 @@ def bench_evaluate_rank(dim: int, rows: list, data_dir: str | None, do_rerank_re
   t0 = time.perf_counter()
   ref = loop_evaluate(dist, qp, gp, qc, gc)
   t_loop = time.perf_counter() - t0
-  times = []
-  for _ in range(3):
-    t0 = time.perf_counter()
-    ours = evaluate_rank(dist, qp, gp, qc, gc)
-    times.append(time.perf_counter() - t0)
-  t_ours = float(np.median(times))
-  diff = max(float(np.abs(ours["cmc"] - ref["cmc"]).max()), abs(ours["mAP"] - ref["mAP"]),
-             abs(ours["mINP"] - ref["mINP"]))
-  rows.append((f"evaluate_rank {dim}-d", f"{t_loop:.2f} s", f"{t_ours:.3f} s",
-               f"{t_loop / t_ours:.1f}x", f"max abs diff {diff:.1e}; R1 {ours['cmc'][0]:.3f} "
-               f"mAP {ours['mAP']:.3f} mINP {ours['mINP']:.3f}; distances {t_dist:.2f} s"))
+  impls = [("ours", load_impl(None, "metrics"))]
+  if args.before_metrics:
+    impls.insert(0, ("before", load_impl(args.before_metrics, "metrics")))
+  results = {}
+  for name, mod in impls:
+    fn = mod.evaluate_rank
+    if args.threads and "num_threads" in fn.__code__.co_varnames:
+      fn = functools.partial(fn, num_threads=args.threads)
+    results[name], runs = _time_evaluate(fn, (dist, qp, gp, qc, gc), max(3, args.repeats))
+    res = results[name]
+    same = ""
+    if name == "ours" and "before" in results:
+      b = results["before"]
+      same = ("; identical to before" if np.array_equal(res["cmc"], b["cmc"]) and
+              res["mAP"] == b["mAP"] and res["mINP"] == b["mINP"] else "; DIFFERS from before")
+    best = runs[:, 0].min()
+    rows.append((f"evaluate_rank {dim}-d ({name})", f"{t_loop:.2f} s", f"{best:.3f} s",
+                 f"{t_loop / best:.1f}x",
+                 f"best of {len(runs)}; CPU {runs[:, 1].min():.3f} s (median wall "
+                 f"{np.median(runs[:, 0]):.3f} s); max abs diff {_metrics_diff(res, ref):.1e}"
+                 f"{same}; R1 {res['cmc'][0]:.3f} mAP {res['mAP']:.3f} mINP {res['mINP']:.3f};"
+                 f" distances {t_dist:.2f} s"))
   if data_dir is None:
     return
-  np.save(os.path.join(data_dir, "qg.npy"), dist)
-  np.save(os.path.join(data_dir, "qq.npy"), pairwise_distance(q, q))
-  np.save(os.path.join(data_dir, "gg.npy"), pairwise_distance(g, g))
+  have = all(os.path.exists(os.path.join(data_dir, f"{n}.npy")) for n in ("qg", "qq", "gg"))
+  if not have:
+    np.save(os.path.join(data_dir, "qg.npy"), dist)
+    np.save(os.path.join(data_dir, "qq.npy"), pairwise_distance(q, q))
+    np.save(os.path.join(data_dir, "gg.npy"), pairwise_distance(g, g))
+  np.savez(os.path.join(data_dir, "emb.npz"), q=q, g=g)
   del dist
-  ours = run_worker(["--worker", "rerank_ours", "--data_dir", data_dir])
-  if do_rerank_ref:
-    ref = run_worker(["--worker", "rerank_reference", "--data_dir", data_dir])
-    a = np.load(os.path.join(data_dir, "rr_ours.npy"))
-    b = np.load(os.path.join(data_dir, "rr_reference.npy"))
-    diff = float(np.abs(a - b).max())
-    rows.append((f"re_ranking {dim}-d", f"{ref['seconds']:.1f} s", f"{ours['seconds']:.2f} s",
-                 f"{ref['seconds'] / ours['seconds']:.1f}x",
-                 f"max abs diff {diff:.1e}; peak RSS ref {ref['peak_rss_gb']:.2f} GiB, ours "
-                 f"{ours['peak_rss_gb']:.2f} GiB (inputs {ours['rss_before_gb']:.2f} GiB)"))
-  else:
-    rows.append((f"re_ranking {dim}-d", "skipped", f"{ours['seconds']:.2f} s", "-",
-                 f"peak RSS ours {ours['peak_rss_gb']:.2f} GiB (inputs "
-                 f"{ours['rss_before_gb']:.2f} GiB)"))
+  ref_path = os.path.join(data_dir, "rr_reference.npy")
+  ref_json = os.path.join(data_dir, "reference.json")
+  ref_out, ref_secs = None, None
+  if do_rerank_ref and not os.path.exists(ref_json):
+    r = run_worker(["--worker", "rerank_reference", "--data_dir", data_dir])
+    with open(ref_json, "w") as f:
+      json.dump(r, f)
+  if os.path.exists(ref_json):  # computed now, or cached in --cache_dir
+    with open(ref_json) as f:
+      r = json.load(f)
+    ref_out, ref_secs = np.load(ref_path), r["runs"][0][0]
+    rows.append((f"re_ranking {dim}-d reference loop", f"{ref_secs:.1f} s", "-", "-",
+                 f"{r['runs'][0][1]:.1f} s CPU; peak RSS {r['peak_rss_gb']:.2f} GiB (inputs "
+                 f"{r['rss_before_gb']:.2f} GiB)"))
+  flags = ["--data_dir", data_dir, "--repeats", str(args.repeats)]
+  flags += ["--phases"] if args.phases else []
+  flags += ["--threads", str(args.threads)] if args.threads else []
+  flags += ["--before_rerank", args.before_rerank] if args.before_rerank else []
+  methods = (["before"] if args.before_rerank else []) + ["ours"]
+  if not args.skip_embeddings:
+    methods += (["emb_before"] if args.before_rerank else []) + ["emb_ours"]
+  for method in methods:
+    r = run_worker(["--worker", f"rerank_{method}"] + flags)
+    runs = np.asarray(r["runs"])
+    diff = ""
+    if ref_out is not None:
+      got = np.load(os.path.join(data_dir, f"rr_{method}.npy"))
+      diff = f"max abs diff {np.abs(got - ref_out).max():.1e}; "
+    path = "embeddings" if method.startswith("emb_") else "distances"
+    label = f"re_ranking {dim}-d, {path} ({method.split('_')[-1]})"
+    best = runs[:, 0].min()
+    rows.append((label, f"{ref_secs:.1f} s" if ref_secs else "-", f"{best:.2f} s",
+                 f"{ref_secs / best:.1f}x" if ref_secs else "-",
+                 f"{diff}{_fmt_runs(runs)}; peak RSS {r['peak_rss_gb']:.2f} GiB (before the "
+                 f"call {r['rss_before_gb']:.2f} GiB); load {r['load']:.1f}"))
+    if r["phases"]:
+      ph = r["phases"]
+      best_i = int(np.argmin(runs[:, 1]))
+      cells = "; ".join(f"{k} {v[0]:.2f} s / {v[1]:.2f} s CPU" for k, v in ph[best_i].items())
+      phase_lines.append(f"{label}, run {best_i + 1} of {len(ph)} (least CPU): {cells}")
 
 
 def main() -> None:
@@ -295,11 +461,23 @@ def main() -> None:
   p.add_argument("--num_gallery", type=int, default=1_000_000)
   p.add_argument("--query_block", type=int, default=256)
   p.add_argument("--gallery_block", type=int, default=8192)
+  p.add_argument("--repeats", type=int, default=3, help="timed runs of each case")
+  p.add_argument("--threads", type=int, default=0,
+                 help="num_threads for re_ranking / evaluate_rank (0: their default)")
+  p.add_argument("--phases", action="store_true", help="time each re-ranking phase")
+  p.add_argument("--before_rerank", default="",
+                 help="another rerank.py (e.g. from git show) to time beside ours")
+  p.add_argument("--before_metrics", default="",
+                 help="another metrics.py to time beside ours (evaluate_rank)")
+  p.add_argument("--skip_embeddings", action="store_true",
+                 help="skip re_ranking_from_embeddings (the low-memory path)")
+  p.add_argument("--cache_dir", default="",
+                 help="keep the distance matrices and the reference re-ranking output here")
   args = p.parse_args()
 
   if args.worker:
     if args.worker.startswith("rerank_"):
-      out = worker_rerank(args.worker[len("rerank_"):], args.data_dir)
+      out = worker_rerank(args.worker[len("rerank_"):], args.data_dir, args)
     elif args.worker == "million":
       out = worker_million(args)
     else:
@@ -308,14 +486,16 @@ def main() -> None:
     return
 
   import jax
-  rows = []
+  rows, phase_lines = [], []
   for dim in (int(d) for d in args.dims.split(",")):
     with tempfile.TemporaryDirectory() as tmp:
-      bench_evaluate_rank(dim, rows, None if args.skip_rerank else tmp,
-                          not args.skip_rerank_reference)
-      print(rows[-1] if args.skip_rerank else rows[-2], flush=True)
-      if not args.skip_rerank:
-        print(rows[-1], flush=True)
+      data_dir = os.path.join(args.cache_dir, f"{dim}d") if args.cache_dir else tmp
+      os.makedirs(data_dir, exist_ok=True)
+      n0 = len(rows)
+      bench_evaluate_rank(dim, rows, None if args.skip_rerank else data_dir,
+                          not args.skip_rerank_reference, args, phase_lines)
+      for r in rows[n0:]:
+        print(r, flush=True)
   if not args.skip_1m:
     common = ["--num_query", str(args.num_query), "--num_gallery", str(args.num_gallery),
               "--query_block", str(args.query_block), "--gallery_block", str(args.gallery_block)]
@@ -332,11 +512,15 @@ def main() -> None:
   print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}, numpy {np.__version__}; "
         f"load average after run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  header = ("case", "numpy loop", "reid_jax", "speed-up", "notes")
+  header = ("case", "numpy loop", "reid_jax (best wall)", "speed-up", "notes")
   print("\n| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for r in rows:
     print("| " + " | ".join(r) + " |")
+  if phase_lines:
+    print("\nRe-ranking phases (wall / CPU; neighbour search = all not in another phase):")
+    for line in phase_lines:
+      print("  * " + line)
 
 
 if __name__ == "__main__":

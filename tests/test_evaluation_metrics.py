@@ -113,6 +113,42 @@ def test_float64_and_int_inputs_and_threads():
   np.testing.assert_array_equal(r, r2)
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("sort_fraction", [0.0, 2.0])
+def test_float32_packed_keys_with_negatives(seed, dtype, sort_fraction, monkeypatch):
+  """float32 (and float16, widened exactly) take the packed (row, value, index) sort."""
+  from reid_jax.evaluation import metrics
+  monkeypatch.setattr(metrics, "_SORT_FRACTION", sort_fraction)
+  d, qp, gp, qc, gc = planted(seed)
+  d = (d - 0.5).astype(dtype)  # negative, positive, ties after the cast
+  d[0, :7] = -0.0
+  d[1, :7] = 0.0
+  ref = ref_evaluate(d, qp, gp, qc, gc, max_rank=20)
+  assert_same(ev.evaluate_rank(d, qp, gp, qc, gc, max_rank=20), ref)
+  assert_same(ev.evaluate_rank(d, qp, gp, qc, gc, max_rank=20, num_threads=3), ref)
+
+
+@pytest.mark.parametrize("where", ["no_positive_row", "beyond_hardest", "positive", "whole_row"])
+@pytest.mark.parametrize("sort_fraction", [0.0, 2.0])
+def test_nan_anywhere_is_an_error(where, sort_fraction, monkeypatch):
+  from reid_jax.evaluation import metrics
+  monkeypatch.setattr(metrics, "_SORT_FRACTION", sort_fraction)
+  d, qp, gp, qc, gc = planted(0)
+  d = d.astype(np.float32)
+  pos = (qp[:, None] == gp[None, :]) & (qc[:, None] != gc[None, :]) & (gp[None, :] != -1)
+  r = int(np.flatnonzero(~pos.any(axis=1))[0]) if where == "no_positive_row" else \
+      int(np.flatnonzero(pos.any(axis=1))[0])
+  if where == "positive":
+    d[r, np.flatnonzero(pos[r])[0]] = np.nan
+  elif where == "whole_row":
+    d[r] = np.nan
+  else:  # the row's farthest entry: never a candidate
+    d[r, np.argmax(d[r])] = np.nan
+  with pytest.raises(EvaluationError, match=f"contains NaN .* first at row {r}"):
+    ev.evaluate_rank(d, qp, gp, qc, gc)
+
+
 @pytest.mark.parametrize("sort_fraction", [0.0, 2.0])
 def test_many_chunks(monkeypatch, sort_fraction):
   from reid_jax.evaluation import metrics

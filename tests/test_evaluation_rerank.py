@@ -7,7 +7,8 @@ import pytest
 
 from reid_jax import evaluation as ev
 from reid_jax.evaluation import EvaluationError
-from reid_jax.evaluation.rerank import smallest_k_stable
+from reid_jax.evaluation import rerank
+from reid_jax.evaluation.rerank import select_smallest, smallest_k_stable
 
 
 def loop_re_ranking(q_g, q_q, g_g, k1=20, k2=6, lam=0.3):
@@ -36,7 +37,7 @@ def loop_re_ranking(q_g, q_q, g_g, k1=20, k2=6, lam=0.3):
       common = len(set(rc) & set(r))
       if common > 2. / 3 * len(rc):
         expanded.extend(rc)
-    idx = np.unique(expanded)
+    idx = np.unique(np.asarray(expanded, dtype=int))  # may be empty (many duplicates)
     w = np.exp(-full[i, idx])
     v[i, idx] = w / np.sum(w)
   if k2 != 1:
@@ -100,6 +101,96 @@ def test_from_embeddings_matches_matrix_version():
   a = ev.re_ranking(qc, qqc, ggc, k1=8, k2=4)
   b = ev.re_ranking_from_embeddings(q, g, k1=8, k2=4, metric="cosine")
   assert np.abs(a - b).max() <= 1e-5
+
+
+def grid_dists(seed, nq=20, ng=70, dim=4, dup=0):
+  """Integer points: many exact ties at non-zero distances; `dup` copies of query 0."""
+  rng = np.random.default_rng(seed)
+  q = rng.integers(0, 4, (nq, dim)).astype(np.float32)
+  g = rng.integers(0, 4, (ng, dim)).astype(np.float32)
+  g[:dup] = q[0]
+  return q, g, (ev.pairwise_distance(q, g), ev.pairwise_distance(q, q),
+                ev.pairwise_distance(g, g))
+
+
+def normalised_rows(qg, qq, gg):
+  full = np.square(np.block([[qq, qg], [qg.T, gg]])).astype(np.float32)
+  return (full / np.max(full, axis=0)).T
+
+
+@pytest.mark.parametrize("case", ["grid", "cosine", "float64", "asymmetric"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_neighbour_scan_equals_full_sort(case, threads):
+  """The two row scans give exactly the stable sort of the normalised matrix."""
+  if case == "grid":  # exact ties at non-zero distances
+    _, _, (qg, qq, gg) = grid_dists(0)
+  elif case == "cosine":  # tiny negative self-distances
+    q, g, _ = random_dists(1)
+    qg, qq, gg = (ev.pairwise_distance(x, y, "cosine") for x, y in ((q, g), (q, q), (g, g)))
+  else:
+    _, _, (qg, qq, gg) = random_dists(2)
+    if case == "float64":
+      qg, qq, gg = (x.astype(np.float64) for x in (qg, qq, gg))
+    else:  # [[qq, qg], [qg.T, gg]] not symmetric: columns and rows differ
+      rng = np.random.default_rng(0)
+      qq, gg = (x * rng.uniform(0.5, 1.5, x.shape).astype(x.dtype) for x in (qq, gg))
+  for kk in (4, 21, 40):
+    rank, colmax, bad = rerank._knn_distances(qg, qq, gg, kk, threads)
+    rows = normalised_rows(qg, qq, gg)
+    assert not bad.any()
+    np.testing.assert_array_equal(rank, smallest_k_stable(rows, kk))
+    np.testing.assert_array_equal(colmax, np.square(np.block([[qq, qg], [qg.T, gg]]))
+                                  .astype(np.float32).max(axis=0))
+
+
+def test_ties_at_zero_and_many_candidates_use_the_exact_fallback(monkeypatch):
+  _, _, (qg, qq, gg) = grid_dists(3, dup=20)  # 21 copies of query 0: ties at distance 0
+  rank, _, bad = rerank._knn_distances(qg, qq, gg, 21, 1)
+  assert bad.any() and not bad.all()
+  ref = loop_re_ranking(qg, qq, gg, 20, 6)
+  assert np.abs(ev.re_ranking(qg, qq, gg) - ref).max() <= 1e-5
+  monkeypatch.setattr(rerank, "_CAND_CAP", 3)  # every column holds more candidates
+  monkeypatch.setattr(rerank, "_CAND_CHECK", 0)
+  assert rerank._knn_distances(qg, qq, gg, 21, 2)[2].all()
+  assert np.abs(ev.re_ranking(qg, qq, gg, num_threads=2) - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["grid", "cosine", "asymmetric"])
+def test_fast_paths_match_loop_reference(case):
+  if case == "grid":
+    _, _, (qg, qq, gg) = grid_dists(4, dup=3)
+  elif case == "cosine":
+    q, g, _ = random_dists(7)
+    qg, qq, gg = (ev.pairwise_distance(x, y, "cosine") for x, y in ((q, g), (q, q), (g, g)))
+  else:
+    _, _, (qg, qq, gg) = random_dists(8)
+    rng = np.random.default_rng(1)
+    qq, gg = (x * rng.uniform(0.5, 1.5, x.shape).astype(np.float32) for x in (qq, gg))
+  ref = loop_re_ranking(qg, qq, gg, 20, 6, 0.3)
+  one = ev.re_ranking(qg, qq, gg, num_threads=1)
+  assert np.abs(one - ref).max() <= 1e-5
+  np.testing.assert_array_equal(ev.re_ranking(qg, qq, gg, num_threads=3), one)
+
+
+@pytest.mark.parametrize("dup", [20, 25])  # 25: some items are not in their own R(i)
+def test_from_embeddings_ties_and_duplicates(dup):
+  q, g, (qg, qq, gg) = grid_dists(5, dup=dup)
+  assert np.abs(ev.re_ranking(qg, qq, gg) - loop_re_ranking(qg, qq, gg, 20, 6, 0.3)).max() <= 1e-5
+  a = ev.re_ranking_from_embeddings(q, g, num_threads=1)
+  assert np.abs(a - loop_re_ranking(qg, qq, gg, 20, 6, 0.3)).max() <= 1e-5
+  np.testing.assert_array_equal(ev.re_ranking_from_embeddings(q, g, block_rows=7,
+                                                              num_threads=2), a)
+
+
+def test_select_smallest_both_key_paths():
+  rng = np.random.default_rng(0)
+  item = np.repeat(np.arange(6), 9)
+  idx = np.concatenate([rng.permutation(40)[:9] for _ in range(6)])
+  val = rng.integers(0, 3, len(item)).astype(np.float32) / 2  # ties, 0 and 1 included
+  order = np.lexsort((idx, val, item))
+  want = idx[order].reshape(6, 9)[:, :4]
+  np.testing.assert_array_equal(select_smallest(item, val, idx, 6, 4, 40), want)
+  np.testing.assert_array_equal(select_smallest(item, val, idx, 6, 4, 1 << 33), want)
 
 
 def test_smallest_k_stable_ties():

@@ -25,6 +25,7 @@ The reported numbers are means over valid queries.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,8 +36,17 @@ from reid_jax.evaluation._checks import (EvaluationError, as_labels, check_choic
                                          nan_error)
 
 AP_MODES = ("standard", "official")
-_CHUNK_ELEMS = 1 << 22  # distance entries per row chunk (16 MiB of float32)
+_CHUNK_ELEMS = 1 << 20  # distance entries per row chunk (4 MiB of float32: stays in cache)
 _SORT_FRACTION = 0.03  # sort whole rows when more candidates than this fraction
+
+
+def default_threads() -> int:
+  """Threads for the blocked evaluation loops: the CPUs this process may use, at most 4."""
+  try:
+    n = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    n = os.cpu_count() or 1
+  return max(1, min(4, n))
 
 
 def _labels(distmat: np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any):
@@ -100,31 +110,65 @@ def _sorted_row_ranks(d, rows, cols, x, junk_rows, junk_cols, g_valid):
   return rank
 
 
+def _sortable_bits(x: np.ndarray) -> np.ndarray:
+  """uint64 codes of float32 values (no NaN) whose order is the float order (-0 == 0)."""
+  u = (x + np.float32(0)).view(np.uint32)  # + 0 turns -0.0 into +0.0
+  if (u >> 31).any():  # negative values: flip them below the positive ones
+    u = np.where(u >> 31, ~u, u | np.uint32(1 << 31))
+  return u.astype(np.uint64)
+
+
 def _chunk_ranks(d: np.ndarray, r0: int, pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 g_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 g_valid: np.ndarray, codes: tuple[np.ndarray, np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
   """(query index, 0-based rank among valid items) of every positive in a row chunk.
 
   Only valid items at most as far as the query's hardest positive can rank ahead
   of a positive; when they are few (the usual case) they are gathered and
-  sorted by (distance, gallery index) directly, otherwise whole rows are sorted.
+  ordered by (distance, gallery index) directly, otherwise whole rows are sorted.
+  `codes` = (q_code of the chunk's rows, g_code), equal for same id and camera:
+  the gathered items' same-camera junk. Float32 distances are ordered by one
+  sort of packed (row, distance, index) keys.
   """
-  if np.isnan(d.min()):
-    raise nan_error("distmat", d, r0)
   prow, pcol, is_pos = pairs
   rows, cols = prow[is_pos] - r0, pcol[is_pos]
-  junk_rows, junk_cols = prow[~is_pos] - r0, pcol[~is_pos]
   x = d[rows, cols] + d.dtype.type(0)
+  if np.isnan(x).any():
+    raise nan_error("distmat", d, r0)
   tmax = np.full(d.shape[0], -np.inf, d.dtype)
   np.maximum.at(tmax, rows, x)
-  cand = d <= tmax[:, None]
-  if np.count_nonzero(cand) > _SORT_FRACTION * d.size:
-    return rows + r0, _sorted_row_ranks(d, rows, cols, x, junk_rows, junk_cols, g_valid)
+  near = np.greater(d, tmax[:, None])
+  np.logical_not(near, out=near)  # d <= tmax, or NaN: candidates, one pass over d
+  flat = np.flatnonzero(near)
+  del near
+  if len(flat) > _SORT_FRACTION * d.size:
+    if np.isnan(d.max()):
+      raise nan_error("distmat", d, r0)
+    return rows + r0, _sorted_row_ranks(d, rows, cols, x, prow[~is_pos] - r0,
+                                        pcol[~is_pos], g_valid)
+  vals = d.reshape(-1)[flat]
+  if np.isnan(vals).any():
+    raise nan_error("distmat", d, r0)
   ng = d.shape[1]
-  flat = np.flatnonzero(cand)
-  flat = flat[g_valid[flat % ng]]  # drop id -1 junk
-  flat = flat[~np.isin(flat, junk_rows * ng + junk_cols)]  # drop same-camera junk
-  cr, cc = flat // ng, flat % ng
-  order = np.lexsort((cc, d[cr, cc] + d.dtype.type(0), cr))
+  cr, cc = np.divmod(flat, ng)
+  q_code, g_code = codes
+  keep = g_valid[cc]
+  keep &= g_code[cc] != q_code[cr]  # same id and camera: junk
+  row_bits = max(1, int(d.shape[0] - 1).bit_length())
+  col_bits = max(1, int(ng - 1).bit_length())
+  if d.dtype == np.float32 and row_bits + 32 + col_bits <= 64:
+    shift = np.uint64(col_bits)
+    key = ((cr.astype(np.uint64) << np.uint64(32)) | _sortable_bits(vals)) << shift
+    key |= cc.astype(np.uint64)
+    key = key[keep]
+    key.sort()
+    pkey = ((rows.astype(np.uint64) << np.uint64(32)) | _sortable_bits(x)) << shift
+    pkey |= cols.astype(np.uint64)
+    # Valid items ahead of a positive: the keys below its own, in its row.
+    start = np.searchsorted(key, rows.astype(np.uint64) << np.uint64(32 + col_bits))
+    return rows + r0, (np.searchsorted(key, pkey) - start).astype(np.int64)
+  cr, cc, flat = cr[keep], cc[keep], flat[keep]
+  order = np.lexsort((cc, vals[keep] + d.dtype.type(0), cr))
   key = flat[order]
   cr = cr[order]
   where = np.flatnonzero(np.isin(key, rows * ng + cols))  # positives, in (row, rank) order
@@ -132,30 +176,43 @@ def _chunk_ranks(d: np.ndarray, r0: int, pairs: tuple[np.ndarray, np.ndarray, np
   return cr[where] + r0, (where - row_start).astype(np.int64)
 
 
+def _codes(q_pids, q_camids, g_pids, g_camids) -> tuple[np.ndarray, np.ndarray]:
+  """int64 codes of (id, camera), equal iff both are (ids and cameras as given)."""
+  cams = np.concatenate([q_camids, g_camids])
+  lo = int(cams.min()) if cams.size else 0
+  width = (int(cams.max()) - lo + 1) if cams.size else 1
+  return q_pids * width + (q_camids - lo), g_pids * width + (g_camids - lo)
+
+
 def positive_ranks(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
                    q_camids: np.ndarray, g_camids: np.ndarray,
-                   num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                   num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Ranks of all positives, sorted by (query, rank): (query index, 0-based rank).
 
-  Rows are processed in chunks of about 4M entries; chunks can run on
-  `num_threads` threads (default 1: on a shared 2-core machine more threads
-  measured slower; numpy releases the GIL in its array loops).
+  Rows are processed in chunks of about 1M entries on `num_threads` threads
+  (default: the usable CPUs, at most 4; numpy releases the GIL in its array
+  loops). The result does not depend on it.
   """
   nq, ng = distmat.shape
+  num_threads = default_threads() if num_threads is None else max(1, int(num_threads))
   step = max(1, _CHUNK_ELEMS // max(ng, 1))
   starts = list(range(0, nq, step))
   num_threads = min(num_threads, len(starts))
   prow, pcol, is_pos = same_id_pairs(q_pids, q_camids, g_pids, g_camids)
   bounds = np.searchsorted(prow, np.r_[starts, nq])
   g_valid = g_pids != -1
+  q_code, g_code = _codes(q_pids, q_camids, g_pids, g_camids)
 
   def job(i: int):
     r0 = starts[i]
     d = np.asarray(distmat[r0:r0 + step])
-    if not np.issubdtype(d.dtype, np.floating):
+    if d.dtype == np.float16:
+      d = d.astype(np.float32)  # exact
+    elif not np.issubdtype(d.dtype, np.floating):
       d = d.astype(np.float64)
     sl = slice(bounds[i], bounds[i + 1])
-    return _chunk_ranks(d, r0, (prow[sl], pcol[sl], is_pos[sl]), g_valid)
+    return _chunk_ranks(d, r0, (prow[sl], pcol[sl], is_pos[sl]), g_valid,
+                        (q_code[r0:r0 + step], g_code))
 
   if num_threads > 1:
     with ThreadPoolExecutor(num_threads) as pool:
@@ -204,7 +261,7 @@ def metrics_from_ranks(qidx: np.ndarray, rank: np.ndarray, num_q: int, max_rank:
 
 def evaluate_rank(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
                   max_rank: int = 50, ap: str = "standard",
-                  per_query: bool = False) -> dict[str, Any]:
+                  per_query: bool = False, num_threads: int | None = None) -> dict[str, Any]:
   """Market-1501 CMC, mAP and mINP of a query x gallery distance matrix.
 
   Args:
@@ -215,6 +272,8 @@ def evaluate_rank(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camid
       MATLAB trapezoid rule).
     per_query: also return per-query "AP", "INP" (NaN when skipped) and
       "first_hit" (0-based rank of the first positive, -1 when skipped).
+    num_threads: threads over row chunks (default: the usable CPUs, at most
+      4); the result does not depend on it.
 
   Returns:
     {"cmc": float64 [max_rank], "mAP": float, "mINP": float,
@@ -228,7 +287,7 @@ def evaluate_rank(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camid
   max_rank = check_positive_int("max_rank", max_rank)
   d = check_distmat(distmat)
   qp, gp, qc, gc = _labels(d, q_pids, g_pids, q_camids, g_camids)
-  qidx, rank = positive_ranks(d, qp, gp, qc, gc)
+  qidx, rank = positive_ranks(d, qp, gp, qc, gc, num_threads)
   return metrics_from_ranks(qidx, rank, d.shape[0], max_rank, ap, per_query)
 
 
