@@ -456,3 +456,18 @@ def test_max_pool_3x3_s2_values_and_gradient_against_numpy_loops(hw):
   np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
   y16 = max_pool_3x3_s2(jnp.asarray(x, jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
+
+
+def test_accelerator_paths_compute_the_same(monkeypatch):
+  """Off CPU, ConvKxK and the max pool fall back to XLA's conv / nn.max_pool and their
+  autodiff; pretend to be on a GPU and compare values and gradients with the CPU path."""
+  from reid_jax.models import layers
+  x = jax.random.normal(jax.random.key(1), (4, 9, 6, 3))
+  m = layers.conv(4, 3, 2, 1)
+  v = m.init(jax.random.key(0), x)
+  f = lambda v, x: (layers.max_pool_3x3_s2(jax.nn.relu(m.apply(v, x))) ** 2).sum()
+  want = jax.grad(f, argnums=(0, 1))(v, x)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got = jax.grad(f, argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

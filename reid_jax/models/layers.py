@@ -145,7 +145,9 @@ conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 class ConvKxK(nn.Module):
   """Bias-free square conv, `nn.Conv(features, (k, k), stride, symmetric padding)`'s
-  function and parameter (`kernel`, HWIO), computed by `conv_kxk`."""
+  function and parameter (`kernel`, HWIO), computed by `conv_kxk` on CPU and by XLA's
+  convolution (and its autodiff) on GPU/TPU, where the chunked kernel gradient would
+  only add a sequential loop."""
 
   features: int
   kernel_size: int
@@ -159,6 +161,8 @@ class ConvKxK(nn.Module):
     kernel = self.param("kernel", torch_conv_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
     x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
+    if jax.default_backend() != "cpu":  # cuDNN / TPU convs: autodiff's backward is fine
+      return _conv_nhwc(x, kernel, self.stride, self.padding)
     return conv_kxk(x, kernel, self.stride, self.padding)
 
   def cost_macs(self, args: tuple, output: Any) -> int:
@@ -386,18 +390,25 @@ def _max_pool_bwd(res: tuple, g: jnp.ndarray) -> tuple[jnp.ndarray]:
   return (dxp[:, 1:h + 1, 1:w + 1, :],)
 
 
-@jax.custom_vjp
 def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
-  """PyTorch MaxPool2d(kernel_size=3, stride=2, padding=1) (padding never wins the max).
+  """PyTorch MaxPool2d(kernel_size=3, stride=2, padding=1) (padding never wins the max):
+  `max_pool_taps` on CPU, `nn.max_pool` on GPU/TPU. Same values either way."""
+  if jax.default_backend() != "cpu":
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return max_pool_taps(x)
 
-  The max of 9 strided views, with a written-out backward: autodiff of
-  `nn.max_pool` builds four index maps per step and is 4x slower on CPU
+
+@jax.custom_vjp
+def max_pool_taps(x: jnp.ndarray) -> jnp.ndarray:
+  """3x3 max pool, stride 2, padding 1, as the max of 9 strided views, with a
+  written-out backward: autodiff of `nn.max_pool` builds four index maps per step
+  and is 4x slower on CPU
   (ResNet-50's stem at 128x64, batch 72, one EPYC core: 497 ms -> 131 ms; issue 16).
   """
   return _max_pool_fwd(x)[0]
 
 
-max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+max_pool_taps.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
