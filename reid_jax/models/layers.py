@@ -87,11 +87,15 @@ def _pointwise_bwd(res, g):
 pointwise_dot.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+def _view(xp: jnp.ndarray, dy: int, dx: int, stride: int, ho: int, wo: int) -> jnp.ndarray:
+  """The [n, ho, wo, C] map of a padded input's tap (dy, dx) under a window with `stride`."""
+  return xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride, :]
+
+
 def _im2col(xp: jnp.ndarray, k: int, stride: int, ho: int, wo: int) -> jnp.ndarray:
   """[n, ho, wo, k*k*C] patches of a padded map, taps in (dy, dx, c) order (HWIO)."""
   return jnp.concatenate(
-      [xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride, :]
-       for dy in range(k) for dx in range(k)], axis=-1)
+      [_view(xp, dy, dx, stride, ho, wo) for dy in range(k) for dx in range(k)], axis=-1)
 
 
 def _conv_nhwc(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
@@ -133,10 +137,7 @@ def _conv_kxk_bwd(stride, padding, res, g):
                                preferred_element_type=acc)
 
   m = _batch_chunk(n, ho * wo * k * k * cin * x.dtype.itemsize, 1 << 20)
-  if m == n:
-    dk = chunk_grad((x, g))
-  else:
-    dk = _sum_over_chunks(chunk_grad, x, g, m, (k * k * cin, cout), acc)
+  dk = _sum_over_chunks(chunk_grad, x, g, m, (k * k * cin, cout), acc)
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -204,8 +205,7 @@ def _shift_taps(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray
   out = None
   for dy in range(3):
     for dx in range(3):
-      tap = xp[:, dy:dy + stride * (ho - 1) + 1:stride,
-               dx:dx + stride * (wo - 1) + 1:stride, :] * kernel[dy, dx]
+      tap = _view(xp, dy, dx, stride, ho, wo) * kernel[dy, dx]
       out = tap if out is None else out + tap
   return out
 
@@ -222,8 +222,11 @@ def _batch_chunk(n: int, image_bytes: int, target: int = 1 << 19) -> int:
 def _sum_over_chunks(fn, x: jnp.ndarray, g: jnp.ndarray, m: int,
                      shape: tuple[int, ...], dtype: Any) -> jnp.ndarray:
   """sum_i fn((x_i, g_i)) over consecutive chunks of m images, accumulated in a scan
-  carry (a stacked [chunks, ...] result summed afterwards is slower on CPU)."""
+  carry (a stacked [chunks, ...] result summed afterwards is slower on CPU); one call
+  when the whole batch is one chunk."""
   n = x.shape[0]
+  if m == n:
+    return fn((x, g))
   xs = x.reshape(n // m, m, *x.shape[1:])
   gs = g.reshape(n // m, m, *g.shape[1:])
   step = lambda acc, xg: (acc + fn(xg), None)
@@ -245,15 +248,11 @@ def _depthwise_kernel_grad(x: jnp.ndarray, g: jnp.ndarray, stride: int) -> jnp.n
   def chunk_grad(xg: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
     xc, gc = xg
     xp = jnp.pad(xc, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = [jnp.sum(xp[:, dy:dy + stride * (ho - 1) + 1:stride,
-                       dx:dx + stride * (wo - 1) + 1:stride, :] * gc,
-                    axis=(0, 1, 2), dtype=acc)
+    taps = [jnp.sum(_view(xp, dy, dx, stride, ho, wo) * gc, axis=(0, 1, 2), dtype=acc)
             for dy in range(3) for dx in range(3)]
     return jnp.stack(taps).reshape(3, 3, c)
 
   m = _batch_chunk(n, h * w * c * x.dtype.itemsize)
-  if m == n:
-    return chunk_grad((x, g))
   return _sum_over_chunks(chunk_grad, x, g, m, (3, 3, c), acc)
 
 
@@ -357,8 +356,7 @@ _WINDOW_3X3 = tuple((dy, dx) for dy in range(3) for dx in range(3))
 
 def _pool_taps(xp: jnp.ndarray, ho: int, wo: int) -> list[jnp.ndarray]:
   """The 9 stride-2 views of a padded map, in window (row-major) order."""
-  return [xp[:, dy:dy + 2 * (ho - 1) + 1:2, dx:dx + 2 * (wo - 1) + 1:2, :]
-          for dy, dx in _WINDOW_3X3]
+  return [_view(xp, dy, dx, 2, ho, wo) for dy, dx in _WINDOW_3X3]
 
 
 def _max_pool_fwd(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple]:
