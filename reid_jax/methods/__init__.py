@@ -9,6 +9,10 @@ outputs, loss, step, optimiser and stages, and exports what the CLIs call:
       the model variables of a checkpoint (the last stage's for multi-stage methods)
   make_embedder(config) -> embed(variables, images) -> {name: [B, D]}
   evaluate_variables(config, variables, step, rerank=False, tta="") -> results dict
+  checkpoint_dir(config, workdir) -> the folder of the final model's checkpoints
+  run_embedder(config, variables, tta="") -> jitted embedder needing no dataset
+      (both used by `reid_jax.inference.run` to load a run from its workdir alone)
+  input_size(config, height, width) -> (h, w)   (optional: per-image input sizes)
 
 The shared machinery (state, loop, checkpoints, optimisers, embedding, evaluators)
 lives in `reid_jax.core`, which imports nothing from here.

@@ -9,5 +9,7 @@ from reid_jax.methods.dare.train import (embed_query_gallery, evaluate_variables
                                          load_variables, make_embedder, stages,
     train_and_evaluate)
 
-__all__ = ["embed_query_gallery", "evaluate_variables", "load_variables", "make_embedder",
-           "stages", "train_and_evaluate"]
+from reid_jax.methods.dare.inference import checkpoint_dir, run_embedder
+
+__all__ = ["checkpoint_dir", "embed_query_gallery", "evaluate_variables", "load_variables",
+           "make_embedder", "run_embedder", "stages", "train_and_evaluate"]

@@ -7,5 +7,8 @@ from reid_jax.methods.done_right.train import (embed_query_gallery, evaluate_var
                                                matching_functions, stages,
                                                train_and_evaluate)
 
-__all__ = ["embed_query_gallery", "evaluate_variables", "load_image", "load_variables",
-           "make_embedder", "matching_functions", "stages", "train_and_evaluate"]
+from reid_jax.methods.done_right.inference import checkpoint_dir, input_size, run_embedder
+
+__all__ = ["checkpoint_dir", "embed_query_gallery", "evaluate_variables", "input_size",
+           "load_image", "load_variables", "make_embedder", "matching_functions", "run_embedder",
+           "stages", "train_and_evaluate"]

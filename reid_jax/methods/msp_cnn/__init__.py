@@ -6,5 +6,7 @@ from reid_jax.methods.msp_cnn.train import (embed_query_gallery, evaluate_variab
                                             load_variables, make_embedder, stages,
                                             train_and_evaluate)
 
-__all__ = ["embed_query_gallery", "evaluate_variables", "load_variables", "make_embedder",
-           "stages", "train_and_evaluate"]
+from reid_jax.methods.msp_cnn.inference import checkpoint_dir, run_embedder
+
+__all__ = ["checkpoint_dir", "embed_query_gallery", "evaluate_variables", "load_variables",
+           "make_embedder", "run_embedder", "stages", "train_and_evaluate"]
