@@ -32,7 +32,8 @@ _ENDLESS = 1 << 62
 _STATE_VERSION = 1
 # Samplers sized by `batch_size` (examples per global batch), and their batch kinds.
 _NEEDS_BATCH_SIZE = ("shuffle", "pairs", "triplets")
-_KIND = {"pk": "single", "shuffle": "single", "pairs": "pairs", "triplets": "triplets"}
+_KIND = {"pk": "single", "shuffle": "single", "pairs": "pairs", "triplets": "triplets",
+         "tracklets": "video"}
 
 
 # ----------------------------------------------------------------------------
@@ -144,6 +145,10 @@ class _BatchFn:
     images, pid, cam = self._train_batch(step, index)
     if self.kind == "single":
       return {"image": images[0], "person_id": pid[0], "camera_id": cam[0]}
+    if self.kind == "video":  # [b, T] columns -> [b*T] frames, tracklet-major
+      return {"image": np.stack(images, 1).reshape((-1,) + images[0].shape[1:]),
+              "person_id": pid[0], "camera_id": cam[0],
+              "tracklet_id": plan["tracklet"].astype(np.int32)}
     if self.kind == "pairs":
       return {"image_a": images[0], "image_b": images[1],
               "person_id_a": pid[0], "person_id_b": pid[1],
@@ -356,19 +361,31 @@ def make_sampler(labels: Mapping[str, np.ndarray], *, sampler: str = "pk", P: in
                  K: int = 4, batch_size: int | None = None, seed: int = 0,
                  neg_per_pos: float = 2.0, min_person_id: int = 1,
                  neg_per_pos_end: float | None = None,
-                 neg_ramp_steps: int = 0) -> smp.BatchSampler:
-  """The training sampler named by `sampler` ('pk', 'shuffle', 'pairs' or 'triplets').
+                 neg_ramp_steps: int = 0, T: int = 4, frame_sample: str = "random",
+                 short: str = "pad") -> smp.BatchSampler:
+  """The training sampler named by `sampler` ('pk', 'shuffle', 'pairs', 'triplets' or
+  'tracklets').
 
   `neg_per_pos_end`/`neg_ramp_steps` (pairs only) ramp the negative share linearly
   from `neg_per_pos` to `neg_per_pos_end` over the first `neg_ramp_steps` batches.
+  'tracklets' (video sets: records with `tracklet_id`) draws P identities x K
+  tracklets x `T` frames (`frame_sample`, `short`: see `samplers.TrackletSampler`).
   """
   pids = labels["person_id"]
   cams = labels.get("camera_id")
   if sampler == "pk":
     return smp.PKSampler(pids, P=P, K=K, seed=seed, min_person_id=min_person_id)
+  if sampler == "tracklets":
+    if "tracklet_id" not in labels:
+      raise ValueError("sampler 'tracklets' (config.input.video.T >= 1) needs a video "
+                       "dataset whose records have tracklet_id (e.g. mars); this training "
+                       f"split has only {sorted(labels)}")
+    return smp.TrackletSampler(pids, labels["tracklet_id"], labels.get("frame_index"),
+                               P=P, K=K, T=T, seed=seed, sample=frame_sample, short=short,
+                               min_person_id=min_person_id)
   if sampler not in _NEEDS_BATCH_SIZE:
-    raise ValueError(f"Unknown sampler {sampler!r}; use 'pk', 'shuffle', 'pairs' or "
-                     "'triplets'.")
+    raise ValueError(f"Unknown sampler {sampler!r}; use 'pk', 'shuffle', 'pairs', "
+                     "'triplets' or 'tracklets'.")
   if batch_size is None:
     raise ValueError(f"sampler={sampler!r} needs batch_size (images/pairs/triplets per "
                      "batch)")
@@ -394,7 +411,8 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
                  neg_per_pos: float = 2.0, min_person_id: int = 1,
                  normalize: bool = True, jpeg_draft: bool = True,
                  neg_per_pos_end: float | None = None,
-                 neg_ramp_steps: int = 0) -> ReidIterator:
+                 neg_ramp_steps: int = 0, T: int = 4, frame_sample: str = "random",
+                 short: str = "pad") -> ReidIterator:
   """Endless (or `num_batches`) stream of augmented training batches for this process.
 
   Args:
@@ -403,7 +421,8 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
     sampler: 'pk' (P identities x K images; global batch P*K), 'shuffle'
       (`batch_size` single images in seeded per-epoch random order, for
       identity classification), 'pairs' or 'triplets' (`batch_size`
-      pairs/triplets per global batch).
+      pairs/triplets per global batch), 'tracklets' (video sets: P identities x K
+      tracklets x `T` frames; global batch P*K tracklets).
     augment: `AugmentConfig` options as a dict or ConfigDict (defaults: TriNet
       resize x1.125 + random crop + flip; erasing/cut-out off).
     seed: fixes sampling and augmentation.
@@ -420,6 +439,9 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
       `neg_ramp_steps` and stays there (TOMM 2017 verification+identification:
       1.0 -> 4.0). Part of the sampler repr, hence of the resume check.
     min_person_id: identities below it (distractors 0, junk -1) are not sampled.
+    T, frame_sample, short: 'tracklets' only: frames per tracklet, how they are
+      drawn ('random' or 'consecutive') and what tracklets shorter than T do ('pad'
+      by repetition or 'drop'); see `samplers.TrackletSampler`.
     normalize: float32 ImageNet-normalised images; False gives uint8 (normalise
       on device with `augment.normalize`'s formula; 4x less to copy).
     jpeg_draft: decode large JPEGs at reduced scale (see `augment.to_pil`).
@@ -430,7 +452,10 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
     divided by process_count). 'pairs':
     `image_a`, `image_b`, `person_id_a/b`, `camera_id_a/b`, `same` (int32 1/0).
     'triplets': `anchor`, `positive`, `negative`, `person_id_{anchor,positive,
-    negative}`, `camera_id_{...}`.
+    negative}`, `camera_id_{...}`. 'tracklets': `image` [b*T,H,W,3] (the T frames
+    of tracklet i at rows i*T .. i*T+T-1, each frame augmented on its own, as the
+    public video baselines do), `person_id`, `camera_id`, `tracklet_id` int32 [b]
+    (one per tracklet; b = P*K / process_count).
   """
   _check_common(height, width, process_index, process_count, worker_count)
   cfg = aug.AugmentConfig.from_options(augment)
@@ -438,7 +463,8 @@ def train_loader(source: Any, *, sampler: str = "pk", P: int = 18, K: int = 4,
     labels = smp.read_labels(source)
   spl = make_sampler(labels, sampler=sampler, P=P, K=K, batch_size=batch_size, seed=seed,
                      neg_per_pos=neg_per_pos, min_person_id=min_person_id,
-                     neg_per_pos_end=neg_per_pos_end, neg_ramp_steps=neg_ramp_steps)
+                     neg_per_pos_end=neg_per_pos_end, neg_ramp_steps=neg_ramp_steps,
+                     T=T, frame_sample=frame_sample, short=short)
   kind = _KIND[sampler]
   batch_fn = _BatchFn(RecordReader(source), spl, kind=kind, height=height, width=width,
                       cfg=cfg, seed=seed, process_index=process_index,

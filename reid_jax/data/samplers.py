@@ -8,7 +8,8 @@ slice (`shard_batch`), so the union over processes equals the 1-process batch.
 
 Samplers return a plan: a dict of numpy arrays whose first axis is the global
 batch. `index` holds record indices ([B] for single images, [B, 2] for pairs,
-[B, 3] for triplets; -1 marks padding); pairs add `same` ([B] int32).
+[B, 3] for triplets, [B, T] frames of B tracklets; -1 marks padding); pairs add
+`same` ([B] int32), tracklets `tracklet` ([B], the dataset's tracklet_id).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _PK_EPOCH, _PK_BATCH = 0x706B01, 0x706B02
 _PAIR_EPOCH, _PAIR_BATCH = 0x706101, 0x706102
 _TRIPLET_EPOCH, _TRIPLET_BATCH = 0x747201, 0x747202
 _SHUFFLE_EPOCH = 0x736801
+_TRACK_FRAMES = 0x746601
 
 _NON_LABEL_FIELDS = ("image",)
 _CHUNK = 4096
@@ -530,3 +532,99 @@ class TripletSampler(BatchSampler):
     positives = np.array([self._groups.positive(int(a), rng) for a in anchors], np.int64)
     negatives = self._groups.negatives(anchors, rng)
     return {"index": np.stack([anchors, positives, negatives], axis=1)}
+
+
+FRAME_SAMPLES = ("random", "consecutive")
+SHORT_TRACKLETS = ("pad", "drop")
+
+
+def tracklet_frames(n: int, T: int, sample: str, rng: np.random.Generator) -> np.ndarray:
+  """T positions (0..n-1, in temporal order) drawn from a tracklet of n frames.
+
+  'random' (torchreid `VideoDataset`, sample_method='random'): T distinct frames,
+  sorted; a tracklet shorter than T gives every frame once plus T - n frames drawn
+  with replacement, sorted (torchreid draws all T with replacement, which may drop
+  frames). 'consecutive' (jiyanggao/Video-Person-ReID `video_loader.py`, 'random'):
+  T consecutive frames from a uniform start in 0..n-T; a shorter tracklet is cycled
+  (0, 1, ..., n-1, 0, 1, ...).
+  """
+  if sample == "random":
+    if n >= T:
+      return np.sort(rng.choice(n, T, replace=False))
+    return np.sort(np.concatenate([np.arange(n), rng.choice(n, T - n, replace=True)]))
+  if sample == "consecutive":
+    start = int(rng.integers(0, max(n - T, 0) + 1))
+    return np.resize(np.arange(start, start + min(n, T)), T)
+  raise ValueError(f"config.input.video.sample={sample!r}: use one of {FRAME_SAMPLES}")
+
+
+class TrackletSampler(BatchSampler):
+  """P identities x K tracklets x T frames per batch, for video re-ID (MARS).
+
+  Tracklets are the records sharing a `tracklet_id` (frames ordered by `frame_index`
+  when given, else by record order); each must hold one person id. The identities and
+  their K tracklets are drawn exactly as `PKSampler` draws identities and images (a
+  seeded per-epoch permutation of identities; K tracklets without replacement, or all
+  plus repeats for identities with fewer), then T frames per tracklet by
+  `tracklet_frames` from the generator of (seed, step). Tracklets shorter than T are
+  padded by repetition (`short='pad'`, what the public baselines do) or not sampled
+  (`short='drop'`). The plan's `index` is [P*K, T] (identity-major, then tracklet,
+  then frame) and `tracklet` [P*K] their tracklet ids.
+  """
+
+  def __init__(self, person_ids: np.ndarray, tracklet_ids: np.ndarray,
+               frame_index: np.ndarray | None = None, *, P: int, K: int, T: int,
+               seed: int, sample: str = "random", short: str = "pad",
+               min_person_id: int = 1):
+    self.P, self.K, self.T, self.seed = int(P), int(K), int(T), int(seed)
+    self.sample, self.short, self.min_person_id = sample, short, min_person_id
+    if self.T < 1:
+      raise ValueError(f"config.input.video.T={self.T}: frames per tracklet must be >= 1")
+    if sample not in FRAME_SAMPLES:
+      raise ValueError(f"config.input.video.sample={sample!r}: use one of {FRAME_SAMPLES}")
+    if short not in SHORT_TRACKLETS:
+      raise ValueError(f"config.input.video.short={short!r}: use one of {SHORT_TRACKLETS}")
+    pids = np.asarray(person_ids).astype(np.int64)
+    tids = np.asarray(tracklet_ids).astype(np.int64)
+    if tids.shape != pids.shape:
+      raise ValueError(f"tracklet_ids has {tids.shape} entries, person_ids {pids.shape}")
+    order = (np.arange(len(tids)) if frame_index is None
+             else np.lexsort((np.arange(len(tids)), np.asarray(frame_index))))
+    ids, inverse, counts = np.unique(tids, return_inverse=True, return_counts=True)
+    frames = order[np.argsort(inverse[order], kind="stable")]  # grouped, temporal order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    first = pids[frames[starts]]
+    mixed = np.flatnonzero(np.maximum.reduceat(pids[frames], starts)
+                           != np.minimum.reduceat(pids[frames], starts))
+    if mixed.size:
+      raise ValueError(f"tracklet_id {ids[mixed[0]]} holds frames of several person ids; "
+                       "each tracklet must be one person (check the dataset's tracklet_id)")
+    keep = np.flatnonzero((first >= min_person_id) & ((counts >= self.T) | (short == "pad")))
+    self._frames, self._starts, self._counts = frames, starts[keep], counts[keep]
+    self._tracklet_ids = ids[keep]
+    self.num_tracklets = len(keep)
+    self._pk = PKSampler(first[keep], P=self.P, K=self.K, seed=self.seed, min_person_id=min_person_id)
+    self.batch_size, self.arity = self.P * self.K, self.T
+    self.num_identities = self._pk.num_identities
+    self.batches_per_epoch = self._pk.batches_per_epoch
+    self._num_records = len(pids)
+
+  def __repr__(self) -> str:
+    return (f"TrackletSampler(num_records={self._num_records}, num_tracklets="
+            f"{self.num_tracklets}, num_identities={self.num_identities}, P={self.P}, "
+            f"K={self.K}, T={self.T}, sample={self.sample}, short={self.short}, "
+            f"seed={self.seed}, min_person_id={self.min_person_id})")
+
+  def members(self, t: int) -> np.ndarray:
+    """Record indices of eligible tracklet `t`, in temporal order."""
+    return self._frames[self._starts[t]:self._starts[t] + self._counts[t]]
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    step = self._check_step(step)
+    chosen = self._pk[step]["index"]
+    rng = _rng(_TRACK_FRAMES, self.seed, step)
+    out = np.empty((len(chosen), self.T), np.int64)
+    for row, t in enumerate(chosen):
+      members = self.members(int(t))
+      out[row] = members[tracklet_frames(len(members), self.T, self.sample, rng)]
+    return {"index": out, "tracklet": self._tracklet_ids[chosen].astype(np.int64)}

@@ -16,7 +16,7 @@ import reid_jax.data  # noqa: F401  (registers the builders)
 from reid_jax.data.common import ReidDataError, check_prepared, guard_reads
 
 # Datasets that need no download: prepared on first use.
-_SELF_CONTAINED = ("synthetic_reid",)
+_SELF_CONTAINED = ("synthetic_reid", "synthetic_video_reid")
 
 
 def data_dir(cfg: ml_collections.ConfigDict) -> str:

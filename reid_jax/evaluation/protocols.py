@@ -5,6 +5,8 @@
 * `cuhk_single_shot`: the classic CUHK03/CUHK01 single-shot CMC (one gallery image per
   identity drawn per repeat; `evaluate_cuhk03`).
 * `video`: MARS-style: frame embeddings mean-pooled per tracklet, then `market`.
+* `video_max`: the same with element-wise max pooling (the official MARS evaluation
+  code's default, MARS-evaluation `utils/process_box_feat.m`).
 """
 
 from __future__ import annotations
@@ -74,10 +76,19 @@ def pool_tracklets(embs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
 
 
 @register("video")
-def video(q_embs, q_labels, g_embs, g_labels, *, max_rank=50, rerank=False):
+def video(q_embs, q_labels, g_embs, g_labels, *, max_rank=50, rerank=False,
+          method="mean", name="video"):
   """Tracklet-level Market-style ranking (frames mean-pooled per tracklet)."""
   if "tracklet_id" not in q_labels:
-    raise ValueError("config.eval.protocol=video needs a video dataset (records with "
+    raise ValueError(f"config.eval.protocol={name} needs a video dataset (records with "
                      "tracklet_id, e.g. mars); use market for image datasets")
-  return _rank_all(*pool_tracklets(q_embs, q_labels), *pool_tracklets(g_embs, g_labels),
+  return _rank_all(*pool_tracklets(q_embs, q_labels, method),
+                   *pool_tracklets(g_embs, g_labels, method),
                    max_rank, rerank, evaluation.evaluate_rank)
+
+
+@register("video_max")
+def video_max(q_embs, q_labels, g_embs, g_labels, *, max_rank=50, rerank=False):
+  """`video` with frames max-pooled per tracklet (element-wise)."""
+  return video(q_embs, q_labels, g_embs, g_labels, max_rank=max_rank, rerank=rerank,
+               method="max", name="video_max")

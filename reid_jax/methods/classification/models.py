@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from reid_jax.models.layers import Dtype, global_avg_pool
+from reid_jax.models.temporal import temporal_pool
 
 # Public baseline (Person_reID_baseline_pytorch, model.py): add_block Linear kaiming_normal
 # (fan_out), BatchNorm1d weight ~ N(1, 0.02), bias 0; classifier weight ~ N(0, 0.001), bias 0.
@@ -53,7 +54,11 @@ class ClassBlock(nn.Module):
   """Linear(bottleneck) -> BN [-> ReLU] -> Dropout -> Linear(classes).
 
   Returns (pre-BN feature, BN feature, logits): the BN feature is the test descriptor
-  (IDE); the pre-BN one is what a BNNeck-style triplet loss uses.
+  (IDE); the pre-BN one is what a BNNeck-style triplet loss uses. With `frames` > 1 the
+  input holds tracklets of that many frames ([B*frames, C], tracklet-major): BN runs on
+  the frames, then both features are pooled per tracklet (`temporal_pool`) and the
+  classifier sees the pooled BN feature, the per-frame test descriptor pooled as the
+  video evaluation pools it; the outputs are [B, ...].
   """
 
   num_classes: int
@@ -62,15 +67,18 @@ class ClassBlock(nn.Module):
   dropout: float = 0.5
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  temporal_pool: str = "mean"
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False):
+  def __call__(self, x: jnp.ndarray, train: bool = False, frames: int = 1):
     pre = nn.Dense(self.bottleneck, dtype=self.dtype, param_dtype=jnp.float32,
                    kernel_init=_kaiming_fan_out, bias_init=nn.initializers.zeros,
                    name="fc")(x)
     feat = bn1d(train, self.dtype, self.bn_axis_name, "bn")(pre)
     if self.relu:
       feat = nn.relu(feat)
+    pre = temporal_pool(pre, frames, self.temporal_pool)
+    feat = temporal_pool(feat, frames, self.temporal_pool)
     h = nn.Dropout(self.dropout, deterministic=not train)(feat)
     logits = classifier(self.num_classes, self.dtype, "classifier")(h)
     return pre, feat, logits
@@ -83,7 +91,10 @@ class IDEModel(nn.Module):
   `logits` ([B, classes]); with `attribute_classes` one `attr/<i>` logits entry per
   attribute; with `verification` and `pairs=True` the input holds the two images of
   each pair stacked ([2B, ...]: all first images, then all second images) and
-  `verif_logits` ([B, 2]) classifies same / different from (f_a - f_b)^2.
+  `verif_logits` ([B, 2]) classifies same / different from (f_a - f_b)^2. With
+  `frames` > 1 (video training, IDE only) x holds B tracklets of that many frames
+  ([B*frames, ...]) and every output is per tracklet: `pool` and the features pooled
+  by `temporal_pool` ('mean' or 'max'), the logits computed on the pooled feature.
   """
 
   backbone: nn.Module
@@ -96,14 +107,17 @@ class IDEModel(nn.Module):
   verif_dropout: float = 0.5
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  temporal_pool: str = "mean"
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False, pairs: bool = False):
+  def __call__(self, x: jnp.ndarray, train: bool = False, pairs: bool = False,
+               frames: int = 1):
     maps = self.backbone(x, train=train)
     pool = global_avg_pool(maps[-1])
     pre, feat, logits = ClassBlock(self.num_classes, self.bottleneck, self.relu,
                                    self.dropout, self.dtype, self.bn_axis_name,
-                                   name="head")(pool, train)
+                                   self.temporal_pool, name="head")(pool, train, frames)
+    pool = temporal_pool(pool, frames, self.temporal_pool)
     out = {"pool": pool, "pre_bn": pre, "feature": feat, "logits": logits}
     for i, n in enumerate(self.attribute_classes):
       out[f"attr/{i}"] = classifier(n, self.dtype, f"attribute{i}")(pool)

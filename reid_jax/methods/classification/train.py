@@ -22,6 +22,7 @@ import numpy as np
 
 from reid_jax.core import embedding, evaluators, experiment, loop, optim, parallel
 from reid_jax.core import state as state_lib
+from reid_jax.core import video
 from reid_jax.core.state import TrainState
 from reid_jax.data import attributes as attr_lib
 from reid_jax.data import identities
@@ -35,7 +36,7 @@ from reid_jax.pretrained import load_configured
 
 AXIS = parallel.AXIS
 METHODS = tuple(losses.LOSSES)
-SAMPLERS = ("shuffle", "pk", "pairs")
+SAMPLERS = ("shuffle", "pk", "pairs", "tracklets")
 
 
 # ----------------------------------------------------------------------------- data
@@ -81,6 +82,8 @@ def make_train_iterator(config: ml_collections.ConfigDict):
   kw = dict(height=inp.height, width=inp.width, augment=inp.augment, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
             worker_count=inp.worker_count)
+  if inp.sampler == "tracklets":  # video: P ids x K tracklets x T frames
+    return pipeline.train_loader(source, **video.loader_kwargs(config), **kw)
   if inp.sampler == "pk":
     return pipeline.train_loader(source, sampler="pk", P=inp.P, K=inp.K, **kw)
   if inp.sampler == "pairs":
@@ -92,8 +95,10 @@ def make_train_iterator(config: ml_collections.ConfigDict):
 
 
 def examples_per_step(config: ml_collections.ConfigDict) -> int:
-  """Images per optimisation step (a pair counts two)."""
+  """Images per optimisation step (a pair counts two, a tracklet its T frames)."""
   inp = config.input
+  if inp.sampler == "tracklets":
+    return inp.P * inp.K * video.frames(config)
   if inp.sampler == "pk":
     return inp.P * inp.K
   return inp.batch_size * (2 if inp.sampler == "pairs" else 1)
@@ -137,7 +142,7 @@ def build_model(config: ml_collections.ConfigDict, classes: int, train: bool = F
                          dropout=m.dropout, attribute_classes=attribute_classes(config),
                          verification=config.method == "verif_ident",
                          verif_dropout=m.get("verif_dropout", 0.5), dtype=dtype,
-                         bn_axis_name=axis)
+                         bn_axis_name=axis, temporal_pool=video.pool_mode(config))
 
 
 def init_variables(rng: jax.Array, config: ml_collections.ConfigDict, classes: int,
@@ -162,12 +167,17 @@ def create_train_state(variables: dict, config: ml_collections.ConfigDict, class
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, config,
                loss_fn: Callable) -> tuple[TrainState, dict]:
-  """One SGD step on this device's slice (inside pmap); dropout keys differ per device."""
+  """One SGD step on this device's slice (inside pmap); dropout keys differ per device.
+
+  Video training (config.input.video.T = T): `image` holds the slice's tracklets x T
+  frames and `label` one class per tracklet; the model pools the frames per tracklet.
+  """
   pairs = "image_a" in batch
   images = jnp.concatenate([batch["image_a"], batch["image_b"]]) if pairs else batch["image"]
+  t = video.frames(config)
+  kwargs = {"pairs": True} if pairs else ({"frames": t} if t > 1 else None)
   return state_lib.loss_step(state, images, rng, lambda out: loss_fn(out, batch, config.loss),
-                             model=model, axis_name=AXIS,
-                             apply_kwargs={"pairs": True} if pairs else None)
+                             model=model, axis_name=AXIS, apply_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -275,9 +285,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (config.method == "verif_ident") != (config.input.sampler == "pairs"):
     raise ValueError(f"config.input.sampler={config.input.sampler!r}: verif_ident trains on "
                      "'pairs' and the other methods on 'shuffle' or 'pk'")
-  if config.loss.triplet_weight and config.input.sampler != "pk":
+  if config.loss.triplet_weight and config.input.sampler not in ("pk", "tracklets"):
     raise ValueError("config.loss.triplet_weight > 0 needs identities with several images "
                      "per batch: set --config.input.sampler=pk")
+  video.validate(config)
+  if (config.input.sampler == "tracklets") != (video.frames(config) > 0):
+    raise ValueError(f"config.input.sampler={config.input.sampler!r}: video training "
+                     "(config.input.video.T >= 1) uses sampler 'tracklets', and 'tracklets' "
+                     "needs config.input.video.T (see configs/video.py)")
+  if video.frames(config) and config.method != "ide":
+    raise ValueError(f"config.input.video: temporal pooling is implemented for ide in "
+                     f"this family, not {config.method}")
   if config.model.backbone not in BACKBONES:
     raise ValueError(f"config.model.backbone={config.model.backbone!r}: use one of "
                      f"{sorted(BACKBONES)}")
@@ -287,8 +305,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.dropout={config.model.dropout}: must be in [0, 1)")
   embedding.check_tta(config.eval.tta)
   evaluators.protocol_names(config.eval.get("protocol", "market"))
-  parallel.check_divisible(examples_per_step(config) // (2 if config.input.sampler == "pairs"
-                                                         else 1), "batch size")
+  if config.input.sampler == "tracklets":  # whole tracklets per device
+    parallel.check_divisible(config.input.P * config.input.K, "config.input.P*K tracklets")
+  else:
+    parallel.check_divisible(examples_per_step(config) // (
+        2 if config.input.sampler == "pairs" else 1), "batch size")
   if config.method == "pcb" and config.model.get("rpp", False):
     if config.train.get("rpp_steps", 0) < 1:
       raise ValueError("config.train.rpp_steps must be >= 1 when config.model.rpp is set")

@@ -19,10 +19,12 @@ import optax
 
 from reid_jax.core import embedding, evaluators, experiment, loop, optim, parallel
 from reid_jax.core import state as state_lib
+from reid_jax.core import video
 from reid_jax.core.state import TrainState
 from reid_jax.data import pipeline, sources
 from reid_jax.methods.dare import loss as loss_lib
 from reid_jax.models import build_model
+from reid_jax.models.temporal import temporal_pool
 from reid_jax.pretrained import load_configured
 
 AXIS = parallel.AXIS
@@ -62,12 +64,19 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array 
   every device; the all_gather transpose routes each device its share of the gradient,
   so the averaged gradient is that of the global-batch loss, exactly as on one device).
   `rng` is unused (the model has no dropout); the core loop passes every step one.
+  Video training (config.input.video.T = T): `image` holds the slice's tracklets x T
+  frames, `person_id` one id per tracklet; every exit's frame embeddings are pooled
+  per tracklet (config.model.temporal_pool) and the triplets are mined over tracklets.
   """
   del rng
+  frames = max(video.frames(config), 1)
+  mode = video.pool_mode(config)
+
   def compute_loss(params):
     outputs, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
                                     batch["image"], train=True, mutable=["batch_stats"])
-    outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+    outputs = {k: temporal_pool(v.astype(jnp.float32), frames, mode)
+               for k, v in outputs.items()}
     loss_batch = batch
     if config.loss.mining == "global":
       gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, tiled=True)
@@ -86,10 +95,13 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array 
 
 
 def make_train_iterator(config: ml_collections.ConfigDict):
-  """The grain PK iterator over this process's slice of every global batch."""
+  """The grain PK iterator (video: P ids x K tracklets x T frames) over this process's
+  slice of every global batch."""
   source = sources.open_split(config.dataset, config.dataset.train_split)
+  sampling = (video.loader_kwargs(config) if video.frames(config)
+              else dict(P=config.input.P, K=config.input.K))
   return pipeline.train_loader(
-      source, P=config.input.P, K=config.input.K, height=config.input.height,
+      source, **sampling, height=config.input.height,
       width=config.input.width, augment=config.input.augment,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=config.input.worker_count)
@@ -105,6 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   loss_lib.parse_margin(config.loss.margin)
   embedding.check_tta(config.eval.tta)
   evaluators.protocol_names(config.eval.get("protocol", "market"))
+  video.validate(config)
   parallel.check_divisible(config.input.P * config.input.K, "config.input.P*K")
 
 
@@ -154,7 +167,7 @@ def stages(config: ml_collections.ConfigDict) -> list[loop.Stage]:
       step_fn=functools.partial(train_step, model=training_model(config), config=config),
       make_iterator=lambda: make_train_iterator(config),
       prepare_batch=lambda b, step: {k: b[k] for k in ("image", "person_id")},
-      examples_per_step=config.input.P * config.input.K)]
+      examples_per_step=config.input.P * config.input.K * max(video.frames(config), 1))]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
