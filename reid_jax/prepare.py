@@ -2,12 +2,16 @@
 
 Usage:
   python -m reid_jax.prepare NAME [--manual_dir=DIR] [--data_dir=DIR] [--config=CONFIG]
+  python -m reid_jax.prepare folder --manual_dir=DIR [--config.pattern=REGEX | --config.manifest=FILE]
 
 NAME is a tfds builder name (`market1501`, `dukemtmc_reid`, `cuhk03`, `mars`, `cuhk01`,
 `synthetic_reid`, ...), optionally with its config as `NAME/CONFIG`. `--manual_dir` is
 the folder holding the official archives (not needed for self-contained builders);
 `--data_dir` defaults to tfds's (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`). The data
 is written as array_record, readable with `tfds.data_source(NAME, split=..., data_dir=...)`.
+Builders with options (`folder`: `--config.pattern`, `--config.manifest`) get a config
+built from them and `--manual_dir` (`config_from_options`), named by a hash of them, so
+different options never share one prepared dataset; the name is printed.
 
 For each split it prints the number of images, identities and cameras; for datasets where
 person_id 0 marks distractors and -1 junk (Market-1501, MARS) also those counts, with
@@ -53,9 +57,15 @@ def _reid_builder_names() -> list[str]:
   return sorted(names)
 
 
-def load_builder(name: str, config: str | None = None, data_dir: str | None = None
+def load_builder(name: str, config: str | None = None, data_dir: str | None = None,
+                 manual_dir: str | None = None, options: dict[str, str] | None = None
                 ) -> tfds.core.DatasetBuilder:
-  """The tfds builder `name` (optionally `name/config`), with one-line errors."""
+  """The tfds builder `name` (optionally `name/config`), with one-line errors.
+
+  `options` (`{"pattern": ...}` from `--config.pattern=...`) go to the builder class's
+  `config_from_options(manual_dir, **options)`, for builders that have one.
+  """
+  options = {k: v for k, v in (options or {}).items() if v is not None}
   if config:
     if "/" in name:
       raise ReidDataError(f"give the config once: {name!r} already names one, so drop --config")
@@ -67,7 +77,17 @@ def load_builder(name: str, config: str | None = None, data_dir: str | None = No
     raise ReidDataError(
         f"unknown dataset {base!r}: not a registered tfds builder "
         f"(reid_jax builders: {', '.join(_reid_builder_names())})") from None
+  from_options = getattr(cls, "config_from_options", None)
+  if options and (from_options is None or "/" in name):
+    flags_given = ", ".join(f"--config.{k}" for k in options)
+    raise ReidDataError(f"{flags_given}: only for the builders that take options (folder), "
+                        "and without a config name; drop them or the /CONFIG part")
+  if from_options is not None and "/" not in name:
+    return tfds.builder(base, config=from_options(manual_dir, **options), data_dir=data_dir,
+                        file_format=FILE_FORMAT)
   configs = [c.name for c in cls.BUILDER_CONFIGS]
+  if from_options is not None:  # `folder/NAME`: a prepared one is read from its files.
+    return tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
   if "/" in name and name.split("/", 1)[1] not in configs:
     available = ", ".join(configs) if configs else "none"
     raise ReidDataError(
@@ -118,14 +138,15 @@ def remove_stale_incomplete(builder: tfds.core.DatasetBuilder,
 
 
 def prepare(name: str, manual_dir: str | None = None, data_dir: str | None = None,
-            config: str | None = None) -> tfds.core.DatasetBuilder:
+            config: str | None = None, options: dict[str, str] | None = None
+           ) -> tfds.core.DatasetBuilder:
   """Prepares `name` and returns its builder.
 
   Stale `incomplete.*` folders of earlier, killed prepares are removed first. An already
   prepared dataset is only checked (`check_prepared`: a damaged one is a one-line
   `ReidDataError`).
   """
-  builder = load_builder(name, config, data_dir)
+  builder = load_builder(name, config, data_dir, manual_dir, options)
   remove_stale_incomplete(builder)
   if builder.is_prepared():
     check_prepared(builder)
@@ -204,6 +225,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--data_dir", default=None,
                       help="tfds data_dir to write to (default: tfds's default)")
   parser.add_argument("--config", default=None, help="builder config, e.g. labeled")
+  parser.add_argument("--config.pattern", dest="pattern", default=None,
+                      help="folder: regex with groups pid (and camid) for the file names")
+  parser.add_argument("--config.manifest", dest="manifest", default=None,
+                      help="folder: CSV file,person_id,camera_id,split (instead of a pattern)")
   return parser.parse_args(argv)
 
 
@@ -211,13 +236,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()
   try:
-    builder = prepare(args.name, args.manual_dir, args.data_dir, args.config)
+    builder = prepare(args.name, args.manual_dir, args.data_dir, args.config,
+                      {"pattern": args.pattern, "manifest": args.manifest})
     stats = {s: split_stats(builder, s) for s in _split_order(list(builder.info.splits))}
   except ReidDataError as e:
     end_progress_bars()
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"{full_name(builder)} {builder.version}: {builder.data_dir}")
+  if builder.builder_config is not None and builder.builder_config.name not in [
+      c.name for c in type(builder).BUILDER_CONFIGS]:
+    print(f"train on it with --config.dataset.name={builder.name} "
+          f"--config.dataset.builder_config={builder.builder_config.name}")
   print(format_stats(stats))
   print(f"wall time: {time.perf_counter() - start:.1f} s")
   return 0

@@ -334,3 +334,53 @@ def make_cuhk01(manual_dir: pathlib.Path, form: str = "zip") -> dict:
   tree["campus/Thumbs.db"] = b"\x00not an image"
   write_tree(manual_dir, tree, form, "CUHK01.zip")
   return expected
+
+
+# --------------------------------------------------------------------------------- MSMT17
+
+# (list, person id, image index, camera 1..15) of the fake MSMT17 lists; list_val's
+# identities are training identities, as in the release.
+MSMT17_LISTS = {
+    "train": [(0, 0, 1), (0, 1, 15), (1, 0, 3), (2, 0, 2)],
+    "val": [(0, 2, 7), (2, 1, 2)],
+    "query": [(0, 0, 4), (1, 0, 9)],
+    "gallery": [(0, 1, 5), (0, 2, 4), (1, 1, 11), (2, 0, 6)],
+}
+MSMT17_TIMES = ("0303morning", "0113noon", "0302afternoon")
+
+
+def msmt17_name(pid: int, index: int, camera: int) -> str:
+  """`0000_000_01_0303morning_0015_0.jpg`-style name: pid, index, camera, time, frame, box."""
+  return (f"{pid:04d}_{index:03d}_{camera:02d}_{MSMT17_TIMES[index % 3]}_"
+          f"{index * 7 + 15:04d}_{index % 2}.jpg")
+
+
+def make_msmt17(manual_dir: pathlib.Path, form: str = "zip", release: str = "V1",
+                lines: dict[str, list[str]] | None = None,
+                drop: tuple[str, ...] = ()) -> dict:
+  """Fake `MSMT17_V1.zip` (`train/`, `test/`) or `MSMT17_V2.zip` (`mask_train_v2/`, ...).
+
+  `lines` replaces a list's lines (e.g. {"query": ["bad line"]}); `drop` leaves out the
+  images at those paths (relative to their split folder). Returns {list name:
+  {file_name: Expected}}.
+  """
+  top = f"MSMT17_{release}"
+  train_dir, test_dir = ("train", "test") if release == "V1" else ("mask_train_v2",
+                                                                   "mask_test_v2")
+  tree, expected, i = {}, {}, 0
+  for list_name, rows in MSMT17_LISTS.items():
+    folder = train_dir if list_name in ("train", "val") else test_dir
+    text, expected[list_name] = [], {}
+    for pid, index, camera in rows:
+      name = msmt17_name(pid, index, camera)
+      rel = f"{pid:04d}/{name}"
+      img = pattern(i, h=8, w=4)
+      i += 1
+      if rel not in drop:
+        tree[f"{top}/{folder}/{rel}"] = png_bytes(img)
+      text.append(f"{rel} {pid}")
+      expected[list_name][name] = Expected(pid, camera - 1, img)
+    text = (lines or {}).get(list_name, text)
+    tree[f"{top}/list_{list_name}.txt"] = ("\n".join(text) + "\n").encode()
+  write_tree(manual_dir, tree, form, f"{top}.zip")
+  return expected

@@ -7,7 +7,10 @@ Protocol (per query; `evaluate_rank`, `evaluate_rank_streaming` and
     query's id and camera, and every item with id -1;
   * everything else is a negative, including the id-0 distractors of Market-1501
     (the id is compared like any other, as the official MATLAB code does);
-  * a query with no positive is skipped and counted out of `num_valid_queries`.
+  * a query with no positive is skipped and counted out of `num_valid_queries`;
+  * camera id -1 (`UNKNOWN_CAMERA`: datasets without camera ids, e.g. a user's own
+    `folder` dataset) differs from every camera, another -1 included: such a pair is
+    never same-camera junk (`distinct_unknown_cameras`).
 
 Ranking and ties: the gallery is ordered by ascending distance, ties broken by
 ascending gallery index (a stable sort, `np.argsort(kind="stable")`). A
@@ -38,6 +41,8 @@ from reid_jax.evaluation._checks import (EvaluationError, as_labels, check_choic
 AP_MODES = ("standard", "official")
 _CHUNK_ELEMS = 1 << 20  # distance entries per row chunk (4 MiB of float32: stays in cache)
 _SORT_FRACTION = 0.03  # sort whole rows when more candidates than this fraction
+#: camera_id of an item whose camera is not known; it matches no camera, itself included.
+UNKNOWN_CAMERA = -1
 
 
 def default_threads() -> int:
@@ -54,7 +59,24 @@ def _labels(distmat: np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_cami
   out = (as_labels("q_pids", q_pids, nq), as_labels("g_pids", g_pids, ng),
          as_labels("q_camids", q_camids, nq), as_labels("g_camids", g_camids, ng))
   check_sizes(nq, ng)
-  return out
+  return out[:2] + distinct_unknown_cameras(out[2], out[3])
+
+
+def distinct_unknown_cameras(q_camids: np.ndarray, g_camids: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+  """Cameras with every `UNKNOWN_CAMERA` replaced so that it equals no camera of the other set.
+
+  Unknown query cameras become max + 1 and unknown gallery cameras max + 2 (max over
+  all known cameras): a pair with an unknown side is then always "another camera",
+  which is what the protocol assumes when cameras are not recorded. Inputs without
+  unknown cameras are returned unchanged.
+  """
+  q_unknown, g_unknown = q_camids == UNKNOWN_CAMERA, g_camids == UNKNOWN_CAMERA
+  if not (q_unknown.any() or g_unknown.any()):
+    return q_camids, g_camids
+  known = np.concatenate([q_camids[~q_unknown], g_camids[~g_unknown]])
+  top = int(known.max()) if known.size else 0
+  return np.where(q_unknown, top + 1, q_camids), np.where(g_unknown, top + 2, g_camids)
 
 
 def positive_and_junk(q_pids: np.ndarray, q_camids: np.ndarray, g_pids: np.ndarray,

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from reid_jax import evaluation
@@ -34,9 +36,26 @@ def _distance(qe: np.ndarray, ge: np.ndarray, rerank: bool) -> np.ndarray:
   return dist
 
 
+_UNKNOWN_CAMERA_NOTED: list[bool] = []  # the note below is printed once per process
+
+
+def unknown_camera_note(q_labels, g_labels) -> str | None:
+  """The one-line note for records without a camera id (camera_id -1), or None."""
+  nq = int(np.sum(np.asarray(q_labels["camera_id"]) == evaluation.metrics.UNKNOWN_CAMERA))
+  ng = int(np.sum(np.asarray(g_labels["camera_id"]) == evaluation.metrics.UNKNOWN_CAMERA))
+  if not nq + ng:
+    return None
+  return (f"note: {nq} query and {ng} gallery items have no camera id (camera_id -1): "
+          "every gallery item counts as another camera, so no same-camera match is excluded")
+
+
 def _rank_all(q_embs, q_labels, g_embs, g_labels, max_rank, rerank, fn, **kw):
   """({name: metrics}, queries scored, queries): queries without a valid match are
   skipped by the protocol, and their count is reported, never hidden."""
+  note = unknown_camera_note(q_labels, g_labels)
+  if note and not _UNKNOWN_CAMERA_NOTED:
+    _UNKNOWN_CAMERA_NOTED.append(True)
+    print(note, file=sys.stderr, flush=True)
   out, scored = {}, 0
   for name in q_embs:
     dist = _distance(q_embs[name], g_embs[name], rerank)

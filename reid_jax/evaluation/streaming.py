@@ -62,7 +62,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from reid_jax.evaluation._checks import (EvaluationError, as_labels, check_choice,
                                          check_positive_int, check_sizes)
 from reid_jax.evaluation.distance import METRICS, block_distance
-from reid_jax.evaluation.metrics import AP_MODES, metrics_from_ranks, same_id_pairs
+from reid_jax.evaluation.metrics import (AP_MODES, distinct_unknown_cameras, metrics_from_ranks,
+                                         same_id_pairs)
 
 _MAX_IN_FLIGHT = 4  # asynchronously dispatched steps before waiting
 _HEAVY_FRACTION = 0.5  # pilot need > this * a tier's tiles -> next tier
@@ -308,7 +309,8 @@ def evaluate_rank_streaming(q_emb: Any, g_emb: Any, q_pids: Any, g_pids: Any,
   _check_emb_shapes("g_emb", g_emb, np.shape(q_emb)[1])
   nq, ng = np.shape(q_emb)[0], np.shape(g_emb)[0]
   qp, gp = as_labels("q_pids", q_pids, nq), as_labels("g_pids", g_pids, ng)
-  qc, gc = as_labels("q_camids", q_camids, nq), as_labels("g_camids", g_camids, ng)
+  qc, gc = distinct_unknown_cameras(as_labels("q_camids", q_camids, nq),
+                                    as_labels("g_camids", g_camids, ng))
   check_sizes(nq, ng)
   q_all = _finite_block("q_emb", q_emb, 0)
   g_host = g_emb if isinstance(g_emb, np.ndarray) else np.asarray(g_emb)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from reid_jax.evaluation._checks import (EvaluationError, as_labels, check_distmat,
                                          check_positive_int, nan_error)
-from reid_jax.evaluation.metrics import positive_and_junk
+from reid_jax.evaluation.metrics import distinct_unknown_cameras, positive_and_junk
 
 GREEN = (0, 170, 0)
 RED = (220, 0, 0)
@@ -71,7 +71,8 @@ def ranked_list(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids:
   d = check_distmat(distmat)
   nq, ng = d.shape
   qp, gp = as_labels("q_pids", q_pids, nq), as_labels("g_pids", g_pids, ng)
-  qc, gc = as_labels("q_camids", q_camids, nq), as_labels("g_camids", g_camids, ng)
+  qc, gc = distinct_unknown_cameras(as_labels("q_camids", q_camids, nq),
+                                    as_labels("g_camids", g_camids, ng))
   topk = check_positive_int("topk", topk)
   idxs = range(nq) if query_indices is None else [int(i) for i in query_indices]
   os.makedirs(out_dir, exist_ok=True)
