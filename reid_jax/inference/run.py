@@ -47,10 +47,11 @@ class Run:
   def input_size(self, height: int, width: int) -> tuple[int, int]:
     """The size an image of height x width is embedded at, as in the run's evaluation:
     the run's input size, or the image's own rounded size for methods that embed each
-    image at its own size (Re-ID done right)."""
+    image at its own size (Re-ID done right). With five_crop TTA the images are loaded
+    at x `input.augment.resize_scale` and cropped by the embedder, as evaluation does."""
     family = methods.get(self.method)
     fn = getattr(family, "input_size", None)
-    return fn(self.config, height, width) if fn else self.input_hw
+    return fn(self.config, height, width) if fn else embedding.load_size(self.config, self.tta)
 
   def embed(self, images: np.ndarray) -> dict[str, np.ndarray]:
     out = self._embed(self.variables, jnp.asarray(images, jnp.float32))
