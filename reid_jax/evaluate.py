@@ -6,7 +6,8 @@ gallery per query with the config's protocol(s) and writes `DIR/evaluate_results
   {"step": int, "dataset": str, "exits": {"stage1": {"rank1", "rank5", "rank10",
    "mAP", "mINP"}, ..., "fused": {...}}, "num_queries", "num_valid_queries", ...}
 with metrics as fractions in [0, 1], and prints the same as a table. DaRe models
-also give the §4 anytime / budgeted-stream curves (`--budget`).
+also give the §4 anytime / budgeted-stream curves (`--budget`). `--report` adds
+report.html beside the results file (`reid_jax.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 from reid_jax import methods
@@ -45,6 +47,30 @@ def define_flags() -> None:
                     "Anytime baseline: single-exit models as WORKDIR (the config saved "
                     "there by training) or CONFIG@WORKDIR, e.g. runs/r18,runs/r34 or "
                     "configs/trinet.py:resnet18@runs/r18,...")
+  flags.DEFINE_string("dataset", None, "Evaluate on another prepared dataset, NAME[/CONFIG] "
+                      "(e.g. market1501, synthetic_reid/tiny; cross-domain); default: the "
+                      "config's. The checkpoint is still built from the config's own.")
+  flags.DEFINE_string("data_dir", None, "tfds data_dir of the evaluated dataset (default: "
+                      "config.dataset.data_dir).")
+  flags.DEFINE_bool("report", False, "Also write report.html beside the results file: "
+                    "metrics, CMC and budget plots, ranked lists of the worst and best "
+                    "queries (one self-contained page).")
+  flags.DEFINE_string("report_exit", None, "The exit whose ranked lists --report shows "
+                      "(default: fused for DaRe, otherwise the method's first exit).")
+
+
+def with_dataset(config, name: str | None, data_dir: str | None):
+  """`config` with the evaluated dataset replaced (--dataset=NAME[/CONFIG], --data_dir)."""
+  if name is None and data_dir is None:
+    return config
+  if name is not None and not name.partition("/")[0]:
+    raise app.UsageError(f"--dataset={name}: give NAME or NAME/CONFIG, e.g. market1501")
+  c = ml_collections.ConfigDict(config.to_dict())
+  if name is not None:
+    c.dataset.name, _, c.dataset.builder_config = name.partition("/")
+  if data_dir is not None:
+    c.dataset.data_dir = data_dir
+  return c
 
 
 def check_method_matches(config, workdir: str) -> None:
@@ -62,7 +88,8 @@ def main(argv):
   writer_lib.quiet_library_logs()
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
-  config = FLAGS.config
+  trained = FLAGS.config  # builds the checkpoint's model (class counts of its dataset)
+  config = with_dataset(trained, FLAGS.dataset, FLAGS.data_dir)  # what is evaluated
   method = methods.get(config.method)
   check_method_matches(config, FLAGS.workdir)
   rerank = config.eval.rerank if FLAGS.rerank is None else FLAGS.rerank
@@ -90,13 +117,22 @@ def main(argv):
     from reid_jax.methods.dare import anytime  # DaRe §4 only
     # Read (and check) the members first, so a bad entry fails before any embedding.
     ensemble = anytime.load_ensemble(FLAGS.ensemble, config.dataset)
-  variables, step = method.load_variables(config, FLAGS.workdir, FLAGS.checkpoint)
-  if anytime is None:
+  if FLAGS.report_exit and not FLAGS.report:
+    raise app.UsageError("--report_exit chooses the ranked lists of --report: add --report")
+  if FLAGS.report:
+    from reid_jax.evaluation import report  # pylint: disable=import-outside-toplevel
+    report.check_image_protocol(evaluators.protocol_names(
+        config.eval.get("protocol", "market"))[0], {})
+  variables, step = method.load_variables(trained, FLAGS.workdir, FLAGS.checkpoint)
+  if anytime is None and not FLAGS.report:
     results = method.evaluate_variables(config, variables, step, rerank, tta)
-  else:
+  else:  # embedded once, for the evaluation, the budget curves and the report
     embedded = method.embed_query_gallery(config, variables, tta)
     results = method.evaluate_variables(config, variables, step, rerank, tta,
                                         embedded=embedded)
+  if FLAGS.report:
+    report_exit = report.check_exit(FLAGS.report_exit, list(results["exits"]))
+  if anytime is not None:
     from reid_jax.models import format_costs
     costs = anytime.model_exit_costs(config)  # counted once for every mode
     print(format_costs(costs), flush=True)
@@ -108,9 +144,18 @@ def main(argv):
   path = evaluators.write_results(results, *os.path.split(output))
   print(evaluators.format_table(results))
   print(f"wrote {path}")
+  if FLAGS.report:
+    page = report.write_for_config(config, results, embedded, os.path.join(
+        os.path.dirname(output), report.REPORT_NAME), report_exit)
+    print(f"wrote {page}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`pip install .` puts it on PATH)."""
   define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
