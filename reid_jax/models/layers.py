@@ -8,9 +8,11 @@ helpers here fix the first two; `reid_jax.pretrained` handles the layout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -24,6 +26,30 @@ torch_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 NUM_STAGES = 4
+
+_PLAIN = threading.local()
+
+
+@contextlib.contextmanager
+def plain_ops() -> Iterator[None]:
+  """Within this block, models traced use the plain XLA ops (`lax.conv`, grouped conv,
+  `nn.max_pool`, a plain dot for 1x1 convs) whatever the backend, instead of the CPU
+  custom-VJP layers: what an exporter (ONNX) can convert, with the same values.
+
+  Read at trace time: a function jitted before the block keeps its first trace, so
+  trace (jit, export) a fresh function inside it. Nests; per thread.
+  """
+  depth = getattr(_PLAIN, "depth", 0)
+  _PLAIN.depth = depth + 1
+  try:
+    yield
+  finally:
+    _PLAIN.depth = depth
+
+
+def _plain_path() -> bool:
+  """True where layers use the plain XLA ops: off CPU, or inside `plain_ops()`."""
+  return getattr(_PLAIN, "depth", 0) > 0 or jax.default_backend() != "cpu"
 
 
 def conv(
@@ -162,7 +188,7 @@ class ConvKxK(nn.Module):
     kernel = self.param("kernel", torch_conv_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
     x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
-    if jax.default_backend() != "cpu":  # cuDNN / TPU convs: autodiff's backward is fine
+    if _plain_path():  # cuDNN / TPU convs: autodiff's backward is fine
       return _conv_nhwc(x, kernel, self.stride, self.padding)
     return conv_kxk(x, kernel, self.stride, self.padding)
 
@@ -190,6 +216,8 @@ class Conv1x1(nn.Module):
     x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
     if self.stride > 1:
       x = x[:, ::self.stride, ::self.stride, :]
+    if getattr(_PLAIN, "depth", 0):  # `plain_ops()`: the same dot, without the custom VJP
+      return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
     return pointwise_dot(x, kernel[0, 0])
 
   def cost_macs(self, args: tuple, output: Any) -> int:
@@ -310,7 +338,7 @@ class DepthwiseConv3x3(nn.Module):
     x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
     impl = self.impl
     if impl == "auto":
-      impl = "shift" if jax.default_backend() == "cpu" else "conv"
+      impl = "conv" if _plain_path() else "shift"
     s = self.stride
     if impl == "conv":
       return jax.lax.conv_general_dilated(
@@ -390,7 +418,12 @@ def _max_pool_bwd(res: tuple, g: jnp.ndarray) -> tuple[jnp.ndarray]:
 
 def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
   """PyTorch MaxPool2d(kernel_size=3, stride=2, padding=1) (padding never wins the max):
-  `max_pool_taps` on CPU, `nn.max_pool` on GPU/TPU. Same values either way."""
+  `max_pool_taps` on CPU, `nn.max_pool` on GPU/TPU and inside `plain_ops()`. Same
+  values either way."""
+  if getattr(_PLAIN, "depth", 0):  # `plain_ops()`: a -inf pad and a VALID 2-D pool, the
+    # form ONNX converters map to MaxPool (jax2onnx patches nn.max_pool, string padding)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(xp, window_shape=(3, 3), strides=(2, 2), padding="VALID")
   if jax.default_backend() != "cpu":
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   return max_pool_taps(x)
