@@ -49,7 +49,12 @@ def main(argv):
   method.train_and_evaluate(FLAGS.config, FLAGS.workdir, evaluate_at_end=FLAGS.eval_at_end)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`pip install .` puts it on PATH)."""
   define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

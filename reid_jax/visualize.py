@@ -65,7 +65,12 @@ def main(argv):
   print(f"wrote {output}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`pip install .` puts it on PATH)."""
   define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
