@@ -33,6 +33,7 @@ METHODS: dict[str, str] = {
     "apr": "reid_jax.methods.classification",
     "done_right": "reid_jax.methods.done_right",
     "msp_cnn": "reid_jax.methods.msp_cnn",
+    "pul": "reid_jax.methods.pul",
 }
 
 
