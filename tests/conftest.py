@@ -14,3 +14,10 @@ os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 # and an optimised compile of a small ResNet's train step takes ~10 s on 2 CPU cores.
 # Subprocesses started by tests inherit it. Numerics stay IEEE float32.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pytest.ini): one worker per core, at most 4. Each worker fakes 8 host
+  devices and compiles on one core; past 4 the suite is bound by its longest file."""
+  del config
+  return max(1, min(4, len(os.sched_getaffinity(0))))

@@ -26,7 +26,7 @@ from reid_jax.methods.classification import train as cls_train
 from reid_jax.methods.dare import train as dare_train
 from reid_jax.models import layers
 
-from test_methods import tiny_config
+from method_cases import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING = [m for m in ("jax2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(m) is None]

@@ -22,7 +22,7 @@ from reid_jax.data import sources
 from reid_jax.evaluation import distance, rerank
 from reid_jax.inference import images, run as run_lib, search
 
-from test_methods import tiny_config
+from method_cases import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
