@@ -1,11 +1,13 @@
 """Using a trained model (issue 15): embedding a folder of images with a run's saved
-config (the embed CLI against a direct `Run.embed` of the evaluation's preprocessing),
+config (the embed CLI against a direct `Run.embed` of the evaluation's preprocessing,
+then search and ONNX export of the same trained run chained on its output),
 exact blocked top-k against a brute-force stable sort (ties included), re-ranking,
 faiss recall, refusing features of another run, colours from Market names, and
 loading a classification run whose dataset is gone."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -125,6 +127,20 @@ def test_embed_cli_equals_run_embed(dare_run, crops, tmp_path):
     cell = 64 + 8
     for r_, m in enumerate(want):  # the top-left frame pixel of each ranked tile
       assert tuple(png[0, cell * (r_ + 1) + 12]) == colours[m]
+
+  # ... and the same trained run exported to ONNX: onnxruntime on the uint8 images the
+  # embed command fed the model gives its features (<= 1e-4), every exit.
+  if any(importlib.util.find_spec(m) is None for m in ("jax2onnx", "onnx", "onnxruntime")):
+    return  # the optional export packages (tests/test_export.py says which are missing)
+  from reid_jax.inference import export  # pylint: disable=import-outside-toplevel
+  onnx_path = str(tmp_path / "model.onnx")
+  export.export_onnx(run, onnx_path)
+  u8 = np.stack([aug.eval_transform(open(os.path.join(root, n), "rb").read(), 32, 16)
+                 for n in names])
+  served = export.onnx_embedder(onnx_path)(u8)
+  assert set(served) == set(feats.features)
+  for k, v in feats.features.items():
+    assert np.abs(np.asarray(served[k]) - v).max() <= 1e-4, k
 
 
 def test_search_refuses_features_of_another_run(dare_run, tmp_path):
