@@ -27,7 +27,9 @@ def summary(res: dict) -> dict[str, float]:
           "mAP": float(res["mAP"]), "mINP": float(res["mINP"])}
 
 
-def _distance(qe: np.ndarray, ge: np.ndarray, rerank: bool) -> np.ndarray:
+def distance_matrix(qe: np.ndarray, ge: np.ndarray, rerank: bool) -> np.ndarray:
+  """The [Q, G] Euclidean distances every protocol ranks (k-reciprocal re-ranked if
+  `rerank`); the report recomputes an exit's ranking with it."""
   dist = np.asarray(evaluation.pairwise_distance(qe, ge, metric="euclidean"))
   if rerank:
     dist = evaluation.re_ranking(
@@ -58,7 +60,7 @@ def _rank_all(q_embs, q_labels, g_embs, g_labels, max_rank, rerank, fn, **kw):
     print(note, file=sys.stderr, flush=True)
   out, scored = {}, 0
   for name in q_embs:
-    dist = _distance(q_embs[name], g_embs[name], rerank)
+    dist = distance_matrix(q_embs[name], g_embs[name], rerank)
     res = fn(dist, q_labels["person_id"], g_labels["person_id"], q_labels["camera_id"],
              g_labels["camera_id"], max_rank=max_rank, **kw)
     out[name], scored = summary(res), int(res["num_valid_queries"])

@@ -103,7 +103,7 @@ def rank_exit(q_embs: np.ndarray, q_labels: Mapping[str, Any], g_embs: np.ndarra
               g_labels: Mapping[str, Any], *, protocol: str, rerank: bool,
               max_rank: int) -> tuple[np.ndarray, dict[str, Any]]:
   """(distance matrix, `rank_distances`) of one exit, the distance the protocol's own."""
-  dist = protocols._distance(q_embs, g_embs, rerank)  # pylint: disable=protected-access
+  dist = protocols.distance_matrix(q_embs, g_embs, rerank)
   return dist, rank_distances(dist, q_labels, g_labels, protocol=protocol,
                               max_rank=max_rank)
 
