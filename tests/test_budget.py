@@ -377,3 +377,13 @@ def test_plots_write_pngs(tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="curve 'x' is empty"):
     plot_stream({"x": []}, str(tmp_path / "c.png"))
+
+
+def test_protocol_valid_mask_unknown_cameras_are_never_the_same_camera():
+  """camera_id -1 (a `folder` dataset without cameras) never makes a same-camera junk
+  pair, as in `evaluate_rank`; id -1 items are always dropped (hand-derived masks)."""
+  qp, gp = np.array([1, 2]), np.array([1, 1, 2, -1])
+  got = B.protocol_valid_mask(qp, gp, np.array([-1, 0]), np.array([-1, 0, 0, 0]))
+  np.testing.assert_array_equal(got, [[True, True, True, False], [True, True, False, False]])
+  got = B.protocol_valid_mask(qp, gp, np.array([0, 0]), np.array([0, 1, 0, 0]))
+  np.testing.assert_array_equal(got, [[False, True, True, False], [True, True, False, False]])

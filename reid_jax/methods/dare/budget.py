@@ -47,6 +47,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from reid_jax.evaluation.metrics import distinct_unknown_cameras
+
 EvaluateFn = Callable[..., Mapping[str, Any]]
 RULES = ("distance", "margin", "random")
 _STAGE_RE = re.compile(r"^stage(\d+)$")
@@ -311,10 +313,11 @@ def conditional_exit_probs(q: Sequence[float]) -> np.ndarray:
 def protocol_valid_mask(q_pids, g_pids, q_camids, g_camids) -> np.ndarray:
   """(nq, ng) gallery items a query may be matched against (Market-1501 protocol).
 
-  Drops id -1 and same-id-same-camera items, as the official confidences do.
+  Drops id -1 and same-id-same-camera items, as the official confidences do; an unknown
+  camera (-1) is never the same camera (`metrics.distinct_unknown_cameras`).
   """
   q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-  q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+  q_camids, g_camids = distinct_unknown_cameras(np.asarray(q_camids), np.asarray(g_camids))
   junk = (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] == g_camids[None, :])
   return ~junk & (g_pids[None, :] != -1)
 
