@@ -26,8 +26,9 @@ def pytest_xdist_auto_num_workers(config):
 # The slowest files first (minutes each on 2 cores: trainings, several processes), so
 # that under `-n auto --dist loadfile` no long file starts last while the other workers
 # idle. The rest keep their order.
-SLOW_FILES_FIRST = ("test_methods_resume.py", "test_launch.py", "test_methods.py",
-                    "test_models.py", "test_train.py", "test_methods_cli.py",
+SLOW_FILES_FIRST = ("test_methods_resume.py", "test_launch.py",
+                    "test_methods_resume_pairs.py", "test_methods.py", "test_models.py",
+                    "test_train.py", "test_methods_cli.py",
                     "test_inference.py", "test_video.py", "test_report.py",
                     "test_msp_cnn.py", "test_pul.py", "test_export.py", "test_losses.py",
                     "test_pretrained.py", "test_done_right.py")

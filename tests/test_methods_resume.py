@@ -13,6 +13,7 @@ from reid_jax import methods
 from reid_jax.core import checkpoint as ckpt_lib
 from reid_jax.core import loop
 
+
 class _Interrupt(Exception):
   pass
 
@@ -33,10 +34,11 @@ def _crash_at(n: int):
 # iterator inside a stage (kill 9) and between stages (kill 6), so IDE's own case (55 s)
 # is not repeated. Verification+identification has its own (pair) sampler, whose state
 # must come back too.
-RESUME_CASES = [("verif_ident", {}, 5)] + [
-    # PCB + RPP: 6 PCB steps then 4 RPP steps; killed inside the RPP stage, and right
-    # after the PCB stage's last (saved) step, i.e. between the stages.
-    ("pcb", {"rpp": True}, 9), ("pcb", {"rpp": True}, 6)]
+# Verification+identification's case is in test_methods_resume_pairs.py (its own file,
+# so the parallel suite runs it beside these). PCB + RPP: 6 PCB steps then 4 RPP steps;
+# killed inside the RPP stage, and right after the PCB stage's last (saved) step, i.e.
+# between the stages.
+RESUME_CASES = [("pcb", {"rpp": True}, 9), ("pcb", {"rpp": True}, 6)]
 
 
 @pytest.fixture(scope="module")
