@@ -6,10 +6,14 @@ from __future__ import annotations
 import importlib
 import os
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from reid_jax import methods
+from reid_jax.core import checkpoint as ckpt_lib
+from reid_jax.core import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = sorted(methods.METHODS)
@@ -71,3 +75,54 @@ def _env(n_devices: int) -> dict:
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
   return env
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _crash_at(n: int):
+  """A step callback raising at the n-th step of the whole run (all stages counted)."""
+  calls = {"n": 0}
+
+  def callback(step):
+    calls["n"] += 1
+    if calls["n"] == n:
+      raise _Interrupt()
+  return callback
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The uninterrupted reference run of a resume case, trained once per module."""
+  runs = {}
+
+  def get(method: str, c: ml_collections.ConfigDict) -> str:
+    key = (method, c.to_json())
+    if key not in runs:
+      runs[key] = str(tmp_path_factory.mktemp(f"full_{method}"))
+      methods.get(method).train_and_evaluate(c, runs[key], evaluate_at_end=False)
+    return runs[key]
+  return get
+
+
+def check_kill_and_resume(method: str, model_overrides: dict, crash: int, data_dir: str,
+                          tmp_path, uninterrupted) -> None:
+  """A run killed at step `crash` and re-run ends bit-identical to an uninterrupted one."""
+  c = tiny_config(method, data_dir)
+  c.model.update(model_overrides)
+  if model_overrides.get("rpp"):
+    c.train.rpp_steps = 4
+  family = methods.get(method)
+  full = uninterrupted(method, c)
+  broken = str(tmp_path / "broken")
+  with pytest.raises(_Interrupt):
+    family.train_and_evaluate(c, broken, evaluate_at_end=False, step_callback=_crash_at(crash))
+  family.train_and_evaluate(c, broken, evaluate_at_end=False)  # resumes
+  va, sa = family.load_variables(c, full)
+  vb, sb = family.load_variables(c, broken)
+  assert sa == sb == (4 if model_overrides.get("rpp") else 6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, va, vb)
+  if model_overrides.get("rpp"):  # the finished PCB stage was restored, not retrained
+    pcb_dir = loop.stage_dir(broken, "pcb")
+    assert ckpt_lib.Checkpointer(pcb_dir).latest_step() == 6

@@ -25,6 +25,8 @@ from reid_jax.data import samplers as smp
 from reid_jax.methods.pul import clustering, data, report
 from reid_jax.methods.pul import train as pul
 
+from method_cases import _Interrupt, _crash_at
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -299,20 +301,6 @@ def test_two_rounds_end_to_end(pul_run, data_dir):
   table = report.format_table(rows)
   assert table.splitlines()[0].split() == ["round", "reliable", "images", "pur.rel",
                                            "pur.all", "rank1", "mAP"]
-
-
-class _Interrupt(Exception):
-  pass
-
-
-def _crash_at(n: int):
-  calls = {"n": 0}
-
-  def callback(step):
-    calls["n"] += 1
-    if calls["n"] == n:
-      raise _Interrupt()
-  return callback
 
 
 def test_kill_and_resume_is_bit_identical(pul_run, data_dir, tmp_path, monkeypatch):

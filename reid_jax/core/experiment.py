@@ -105,34 +105,6 @@ def evaluate_and_log(evaluate_fn: Callable[[Any, int], dict], variables: Any, st
   return results
 
 
-def restore_raw_variables(ckpt_dir: str, step: int | None = None
-                          ) -> tuple[dict[str, Any], int]:
-  """{'params', 'batch_stats'} of checkpoint `step` (default: newest), read without a
-  template: the arrays as saved, so nothing else of the run (its dataset, its ImageNet
-  file, the class count) is needed. For using a trained model outside its benchmark.
-  """
-  ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
-  steps = ckpt.all_steps() if ckpt else []
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first with "
-                            "`python -m reid_jax.train --config=... --workdir=...`")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"--checkpoint={step} is not in {ckpt_dir}; available: {steps}")
-  try:
-    state = ckpt.restore(step, None)
-  except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore errors)
-    raise ValueError(f"checkpoint {step} in {ckpt_dir} is unreadable (damaged): "
-                     f"{type(e).__name__}; pick another with --checkpoint (available: "
-                     f"{steps})") from None
-  finally:
-    ckpt.close()
-  if not isinstance(state, dict) or "params" not in state:
-    raise ValueError(f"checkpoint {step} in {ckpt_dir} holds no model parameters; is it "
-                     "a reid_jax training checkpoint?")
-  return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}, step
-
-
 def infer_classes(abstract_params: Callable[[int], Any], params: Any) -> int:
   """The classifier size of `params`: `abstract_params(n)` gives the parameter shapes
   of the method's model with n classes; the leaves whose shape changes with n carry it.
@@ -150,11 +122,13 @@ def infer_classes(abstract_params: Callable[[int], Any], params: Any) -> int:
   return 0
 
 
-def restore_variables(ckpt_dir: str, template: Any, step: int | None = None
+def restore_variables(ckpt_dir: str, template: Any = None, step: int | None = None
                       ) -> tuple[dict[str, Any], int]:
   """{'params', 'batch_stats'} of checkpoint `step` (default: newest) of `ckpt_dir`.
 
-  `template` is a host train state of the right structure. Read-only: creates nothing.
+  `template` is a host train state of the right structure. Without one the arrays are
+  read as saved, so nothing else of the run (its dataset, its ImageNet file, the class
+  count) is needed: for using a trained model outside its benchmark. Read-only.
   """
   ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
   steps = ckpt.all_steps() if ckpt else []
@@ -165,11 +139,17 @@ def restore_variables(ckpt_dir: str, template: Any, step: int | None = None
   if step not in steps:
     raise ValueError(f"--checkpoint={step} is not in {ckpt_dir}; available: {steps}")
   try:
-    state = ckpt.restore(step, jax.device_get(template))
+    state = ckpt.restore(step, None if template is None else jax.device_get(template))
   except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore errors)
-    what = "is unreadable (damaged)" if not ckpt.readable(step) else (
-        "does not match this config")
+    what = ("is unreadable (damaged)" if template is None or not ckpt.readable(step)
+            else "does not match this config")
     raise ValueError(f"checkpoint {step} in {ckpt_dir} {what}: {type(e).__name__}; pick "
                      f"another with --checkpoint (available: {steps})") from None
-  ckpt.close()
-  return {"params": state.params, "batch_stats": state.batch_stats}, step
+  finally:
+    ckpt.close()
+  if template is not None:
+    return {"params": state.params, "batch_stats": state.batch_stats}, step
+  if not isinstance(state, dict) or "params" not in state:
+    raise ValueError(f"checkpoint {step} in {ckpt_dir} holds no model parameters; is it "
+                     "a reid_jax training checkpoint?")
+  return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}, step

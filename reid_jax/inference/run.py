@@ -93,7 +93,7 @@ def load_run(workdir: str, checkpoint: int | None = None, tta: str | None = None
   config = load_config(workdir)
   family = methods.get(config.method)
   ckpt_dir = family.checkpoint_dir(config, workdir)
-  variables, step = experiment.restore_raw_variables(ckpt_dir, checkpoint)
+  variables, step = experiment.restore_variables(ckpt_dir, None, checkpoint)
   tta = embedding.check_tta(config.eval.get("tta", "") if tta is None else tta, "--tta")
   try:
     embed = family.run_embedder(config, variables, tta)
